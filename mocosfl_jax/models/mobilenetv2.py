@@ -1,0 +1,92 @@
+"""MobileNetV2, CIFAR variant of the reference (spec §3.5), as a list of 9 layers.
+
+Layers: 0 = stem, 1..7 = the seven stages of inverted-residual blocks, 8 = final 1x1 conv to 1280.
+A cut at N puts layers[0:N] on the client (cut 1 = stem, cut 9 = everything).
+
+Reference quirks reproduced on purpose (they change the numbers, so a faithful port keeps them):
+- no ReLU after the stem conv+GN, and none after the final 1x1 conv+GN;
+- projection shortcuts (stride 1, in != out) are a *plain* 1x1 conv (no WS, xavier init) followed by
+  **BatchNorm** even though everything else uses GroupNorm; so client-side BN running statistics
+  exist from cut 4 on (per client under vmap);
+- `c_residual=False` removes the skip from *all* blocks, server ones included (ResNet only client);
+- the server pooling is avg_pool2d(4) on the final 4x4 map, so only 32x32 inputs are valid
+  (the reference also passes `input_size` as the stem width, which only works at 32);
+- with a bottleneck, the stride-1 server-side bottleneck conv is 1x1.
+"""
+import functools
+
+import flax.linen as nn
+
+from mocosfl_jax.models import layers as L
+
+# (expansion, out_planes, num_blocks, stride) -- kuangliu's CIFAR config (stage 2 stride 1).
+CFG = ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
+       (6, 160, 3, 2), (6, 320, 1, 1))
+STEM_WIDTH = 32
+FEATURE_DIM = 1280
+
+
+class Stem(nn.Module):
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    return L.group_norm("norm")(L.Conv(STEM_WIDTH, 3, 1, 1, ws=True, name="conv")(x))  # no ReLU
+
+
+class InvertedResidual(nn.Module):
+  """1x1 expand (WS)-GN-ReLU-3x3 depthwise (WS, stride)-GN-ReLU-1x1 project (WS)-GN (+ shortcut)."""
+  expansion: int
+  out_planes: int
+  stride: int
+  residual: bool = True
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    in_planes = x.shape[-1]
+    planes = self.expansion * in_planes
+    out = nn.relu(L.group_norm("norm1")(L.Conv(planes, 1, 1, 0, ws=True, name="conv1")(x)))
+    out = nn.relu(L.group_norm("norm2")(L.Conv(planes, 3, self.stride, 1, groups=planes, ws=True,
+                                               name="conv2")(out)))
+    out = L.group_norm("norm3")(L.Conv(self.out_planes, 1, 1, 0, ws=True, name="conv3")(out))
+    if self.residual and self.stride == 1:
+      if in_planes != self.out_planes:
+        x = L.BatchNorm(name="shortcut_bn")(
+            L.Conv(self.out_planes, 1, 1, 0, ws=False, name="shortcut_conv")(x), train)
+      out = out + x
+    return out
+
+
+class Stage(nn.Module):
+  expansion: int
+  out_planes: int
+  num_blocks: int
+  stride: int
+  residual: bool = True
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    for i in range(self.num_blocks):
+      x = InvertedResidual(self.expansion, self.out_planes, self.stride if i == 0 else 1,
+                           self.residual, name=f"block{i}")(x, train)
+    return x
+
+
+class FinalConv(nn.Module):
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    return L.group_norm("norm")(L.Conv(FEATURE_DIM, 1, 1, 0, ws=True, name="conv")(x))  # no ReLU
+
+
+def mobilenetv2_layers(c_residual: bool):
+  factories = [Stem]
+  for expansion, out_planes, num_blocks, stride in CFG:
+    factories.append(functools.partial(Stage, expansion=expansion, out_planes=out_planes,
+                                       num_blocks=num_blocks, stride=stride, residual=c_residual))
+  factories.append(FinalConv)
+  return factories
+
+
+def avg_pool_4(x):
+  """The reference's hard-coded avg_pool2d(4): a 4x4 map becomes 1x1, then flattened."""
+  return nn.avg_pool(x, window_shape=(4, 4), strides=(4, 4), padding="VALID").reshape(x.shape[0], -1)
