@@ -1,0 +1,185 @@
+"""Per-cut client cost table: parameters, smashed data, FLOPs, memory and communication.
+
+    python -m mocosfl_jax.costs --arch resnet18 --bottleneck C4S2 --frozen-client --json
+
+FLOPs and memory are not hand formulas: they come from XLA's cost and memory analysis of the
+compiled client functions at batch 1 (FLOPs count a multiply-add as 2, unlike fvcore's 1).
+
+Communication is counted per client, in float32 bytes, and differs from the reference's
+`overhead_calculator.py` on purpose: the reference counts the query upload and the gradient
+download but forgets the key-view upload (every step the client also sends its momentum
+network's activations), and counts a model sync in one direction only. We count
+  per step:  upload query + key activations, download the query gradient
+             (two_view form: 2B rows each way; frozen client: uploads only),
+  per sync:  upload the client model and download the average (x2 with momentum sync).
+"""
+import argparse
+import dataclasses
+import json
+import math
+import sys
+
+import jax
+import jax.numpy as jnp
+
+from mocosfl_jax.models import SplitConfig, build, num_layers
+from mocosfl_jax.models.layers import count_params
+
+MIB = 2**20
+FLOAT_BYTES = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class Traffic:
+  """What a client exchanges; the reference's calculator settings are the defaults (spec §7)."""
+  batch_size: int = 1
+  samples_per_client: int = 50
+  epochs: int = 200
+  sync_every: int = 50           # steps between FedAvg rounds (the paper configs: ~50)
+  loss_form: str = "original"    # 'original' | 'two_view' | 'single'
+  momentum_sync: bool = False    # MonAcoSFL also ships the momentum model
+  frozen_client: bool = False    # TAResSFL deployment: no gradient, no sync
+
+
+def _compiled_stats(fn, *args) -> tuple[float, int]:
+  compiled = jax.jit(fn).lower(*args).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  mem = compiled.memory_analysis()
+  total = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+           - mem.alias_size_in_bytes)
+  return float(cost.get("flops", 0.0)), int(total)
+
+
+def client_compute(net, frozen: bool) -> dict:
+  """XLA FLOPs of one forward and bytes of one client training (or inference) step, batch 1."""
+  params = jax.eval_shape(net.init_client, jax.random.key(0))
+  x = jax.ShapeDtypeStruct((1, *net.input_shape), jnp.float32)
+  fwd_flops, infer_bytes = _compiled_stats(lambda v, x: net.apply_client(v, x)[0], params, x)
+  if frozen:
+    return {"client_forward_flops": fwd_flops, "client_memory_bytes": infer_bytes}
+
+  def train_step(online, momentum, buf, x_q, x_k, grad):
+    # online forward + backward of the received gradient, SGD momentum update, target forward.
+    smashed, vjp = jax.vjp(lambda p: net.apply_client({**online, "params": p}, x_q, True)[0],
+                           online["params"])
+    (g,) = vjp(grad)
+    buf = jax.tree.map(lambda b, g, p: 0.9 * b + g + 5e-4 * p, buf, g, online["params"])
+    new = jax.tree.map(lambda p, b: p - 0.05 * b, online["params"], buf)
+    key = net.apply_client(momentum, x_k)[0]
+    return new, buf, smashed, key
+
+  grad = jax.ShapeDtypeStruct((1, *net.smashed_shape), jnp.float32)
+  _, train_bytes = _compiled_stats(train_step, params, params, params["params"], x, x, grad)
+  return {"client_forward_flops": fwd_flops, "client_memory_bytes": train_bytes}
+
+
+def communication(smashed_floats: int, client_params: int, t: Traffic) -> dict:
+  rows = 2 * t.batch_size if t.loss_form == "two_view" else t.batch_size
+  up = 2 * rows * smashed_floats * FLOAT_BYTES            # query + key activations
+  down = 0 if t.frozen_client else rows * smashed_floats * FLOAT_BYTES
+  steps_per_epoch = t.samples_per_client // t.batch_size
+  models = 2 if t.momentum_sync else 1
+  sync = 0 if t.frozen_client else 2 * models * client_params * FLOAT_BYTES
+  syncs_per_epoch = steps_per_epoch / t.sync_every
+  per_epoch = steps_per_epoch * (up + down) + syncs_per_epoch * sync
+  return {
+      "upload_bytes_per_step": up,
+      "download_bytes_per_step": down,
+      "sync_bytes_per_sync": sync,
+      "bytes_per_epoch": per_epoch,
+      "total_mib": t.epochs * per_epoch / MIB,
+      "reference_calculator_mib": _reference_calculator_mib(smashed_floats, client_params, t),
+  }
+
+
+def _reference_calculator_mib(smashed_floats, client_params, t: Traffic) -> float:
+  """What the reference's overhead_calculator prints: no key upload, one-way weights."""
+  activations = 2 * t.epochs * t.samples_per_client * smashed_floats
+  if t.frozen_client:
+    return activations / 2 * FLOAT_BYTES / MIB
+  syncs_per_epoch = max(1, (t.samples_per_client // t.batch_size) // t.sync_every)
+  return (activations + t.epochs * syncs_per_epoch * client_params) * FLOAT_BYTES / MIB
+
+
+def cost_table(arch: str, *, bottleneck: str = "None", input_size: int = 32, head: str = "V2",
+               cuts=None, traffic: Traffic = Traffic(), width: int = 64) -> list[dict]:
+  rows = []
+  for cut in cuts or range(1, num_layers(arch) + 1):
+    net = build(SplitConfig(arch=arch, cut=cut, bottleneck=bottleneck, input_size=input_size,
+                            head=head, width=width))
+    client_params = count_params(jax.eval_shape(net.init_client, jax.random.key(0))["params"])
+    server_params = count_params(jax.eval_shape(net.init_server, jax.random.key(0))["params"])
+    smashed = math.prod(net.smashed_shape)
+    row = {"cut": cut, "client_params": client_params, "server_params": server_params,
+           "smashed_shape": "x".join(map(str, net.smashed_shape[::-1])),
+           "smashed_floats": smashed}
+    row.update(client_compute(net, traffic.frozen_client))
+    row.update(communication(smashed, client_params, traffic))
+    rows.append(row)
+  return rows
+
+
+def format_table(rows: list[dict]) -> str:
+  head = (f"{'cut':>3} {'client params':>13} {'server params':>13} {'smashed CxHxW':>14} "
+          f"{'floats/img':>10} {'fwd MFLOP':>9} {'mem MiB':>8} {'up KiB/step':>11} "
+          f"{'down KiB/step':>13} {'sync MiB':>8} {'MiB/epoch':>9} {'total MiB':>9} {'ref calc':>8}")
+  lines = [head]
+  for r in rows:
+    lines.append(
+        f"{r['cut']:>3} {r['client_params']:>13,} {r['server_params']:>13,} "
+        f"{r['smashed_shape']:>14} {r['smashed_floats']:>10,} "
+        f"{r['client_forward_flops'] / 1e6:>9.1f} {r['client_memory_bytes'] / MIB:>8.2f} "
+        f"{r['upload_bytes_per_step'] / 1024:>11.1f} {r['download_bytes_per_step'] / 1024:>13.1f} "
+        f"{r['sync_bytes_per_sync'] / MIB:>8.2f} {r['bytes_per_epoch'] / MIB:>9.2f} "
+        f"{r['total_mib']:>9.1f} {r['reference_calculator_mib']:>8.1f}")
+  return "\n".join(lines)
+
+
+def _parse_cuts(text: str | None):
+  if not text:
+    return None
+  cuts = []
+  for part in text.split(","):
+    lo, _, hi = part.partition("-")
+    cuts.extend(range(int(lo), int(hi or lo) + 1))
+  return cuts
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(prog="python -m mocosfl_jax.costs", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--arch", default="resnet18")
+  p.add_argument("--bottleneck", default="None")
+  p.add_argument("--input-size", type=int, default=32)
+  p.add_argument("--head", default="V2")
+  p.add_argument("--cuts", help="e.g. '1-9' or '1,2,5' (default: every cut)")
+  p.add_argument("--batch-size", type=int, default=1)
+  p.add_argument("--samples-per-client", type=int, default=50)
+  p.add_argument("--epochs", type=int, default=200)
+  p.add_argument("--sync-every", type=int, default=50, help="steps between syncs")
+  p.add_argument("--loss-form", default="original", choices=["original", "two_view", "single"])
+  p.add_argument("--momentum-sync", action="store_true", help="MonAcoSFL: sync momentum models")
+  p.add_argument("--frozen-client", action="store_true", help="TAResSFL deployment")
+  p.add_argument("--json", action="store_true")
+  a = p.parse_args(argv)
+  try:
+    traffic = Traffic(a.batch_size, a.samples_per_client, a.epochs, a.sync_every, a.loss_form,
+                      a.momentum_sync, a.frozen_client)
+    rows = cost_table(a.arch, bottleneck=a.bottleneck, input_size=a.input_size, head=a.head,
+                      cuts=_parse_cuts(a.cuts), traffic=traffic)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  if a.json:
+    print(json.dumps({"arch": a.arch, "bottleneck": a.bottleneck, "input_size": a.input_size,
+                      "traffic": dataclasses.asdict(traffic), "rows": rows}, indent=1))
+  else:
+    print(f"{a.arch} {a.input_size}px bottleneck={a.bottleneck} head={a.head} | "
+          f"{dataclasses.asdict(traffic)}")
+    print(format_table(rows))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
