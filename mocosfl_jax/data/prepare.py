@@ -1,0 +1,146 @@
+"""One-off dataset preparation: `python -m mocosfl_jax.data.prepare --dataset NAME --data_dir DIR`.
+
+tfds datasets (cifar10, cifar100, svhn, stl10) are built once in `array_record` format, the only format
+that `tfds.data_source` can read back without TensorFlow. Building needs TensorFlow (tfds extracts
+archives and encodes PNGs with it), so it is an optional extra, imported lazily here only:
+`pip install .[prepare]`. With `--manual_dir` tfds takes the archive from that folder (checksum-checked
+against tfds's registered checksum) and never touches the network. We never pass
+`register_checksums=True` (it rewrites files inside site-packages).
+
+Image-folder datasets need no TensorFlow: tiny_imagenet is extracted from `tiny-imagenet-200.zip` and
+its val/ images are regrouped into class folders (val_annotations.txt), which is the layout the
+reference's ImageFolder loader assumed; imagenet12 is extracted from an archive (or already in place)
+and its layout checked.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import pathlib
+import shutil
+import sys
+import tarfile
+import zipfile
+
+from mocosfl_jax.data import sources
+
+PREPARE_EXTRA = "pip install .[prepare]   (or: pip install tensorflow-cpu)"
+
+
+def _require_tensorflow() -> None:
+  if importlib.util.find_spec("tensorflow") is None:
+    sys.exit("Preparing tfds datasets needs TensorFlow, which is not installed (the training runtime "
+             f"never needs it). Install the optional extra:\n  {PREPARE_EXTRA}")
+  if importlib.util.find_spec("importlib_resources") is None:  # tfds builders need it
+    sys.exit("download_and_prepare needs importlib_resources: pip install importlib_resources")
+
+
+def _check_manual_dir(name: str, manual_dir: pathlib.Path) -> None:
+  for filename, size in sources.TFDS_DATASETS[name].archives:
+    path = manual_dir / filename
+    if not path.is_file():
+      sys.exit(f"{path} is missing: place {filename} ({size:,} bytes) in {manual_dir}.")
+    if path.stat().st_size != size:
+      sys.exit(f"{path} has {path.stat().st_size:,} bytes, expected {size:,} (incomplete download?).")
+
+
+def prepare_tfds(name: str, data_dir: pathlib.Path, manual_dir: pathlib.Path | None) -> None:
+  """Builds the tfds dataset in array_record format (needs TensorFlow)."""
+  _require_tensorflow()
+  if manual_dir is not None:
+    _check_manual_dir(name, manual_dir)
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  spec = sources.TFDS_DATASETS[name]
+  builder = tfds.builder(spec.tfds_name, data_dir=str(data_dir), file_format="array_record")
+  config = tfds.download.DownloadConfig(manual_dir=str(manual_dir) if manual_dir else None)
+  builder.download_and_prepare(download_config=config)
+  for tfds_split in sorted({s for group in spec.splits.values() for s in group}):
+    src = tfds.data_source(spec.tfds_name, split=tfds_split, data_dir=str(data_dir),
+                           download=False)
+    _ = src[0]  # decodes one example: proves the TF-free read path works
+    print(f"{name}/{tfds_split}: {len(src)} examples readable without TensorFlow")
+
+
+def _safe_extract(archive: pathlib.Path, dest: pathlib.Path) -> None:
+  dest.mkdir(parents=True, exist_ok=True)
+  if archive.suffix == ".zip":
+    with zipfile.ZipFile(archive) as zf:  # ZipFile.extract drops absolute paths and '..'
+      zf.extractall(dest)
+  else:
+    with tarfile.open(archive) as tf:
+      tf.extractall(dest, filter="data")  # rejects links/paths leaving dest
+
+
+def _regroup_tiny_imagenet_val(root: pathlib.Path) -> None:
+  """val/images/*.JPEG + val_annotations.txt -> val/<wnid>/images/*.JPEG (idempotent)."""
+  val = root / "val"
+  annotations = val / "val_annotations.txt"
+  images = val / "images"
+  if not images.is_dir():
+    return  # already regrouped
+  if not annotations.is_file():
+    sys.exit(f"{annotations} is missing; cannot assign val images to classes.")
+  for line in annotations.read_text().splitlines():
+    parts = line.split("\t")
+    if len(parts) < 2:
+      continue
+    filename, wnid = parts[0], parts[1]
+    src = images / filename
+    if src.is_file():
+      (val / wnid / "images").mkdir(parents=True, exist_ok=True)
+      shutil.move(str(src), str(val / wnid / "images" / filename))
+  if not any(images.iterdir()):
+    images.rmdir()
+
+
+def prepare_folder(name: str, data_dir: pathlib.Path, manual_dir: pathlib.Path | None) -> None:
+  spec = sources.FOLDER_DATASETS[name]
+  root = data_dir / spec["folder"]
+  if not (root / "train").is_dir():
+    if manual_dir is None:
+      sys.exit(f"{root}/train not found and no --manual_dir given. "
+               f"Place {spec['archive'][0]} in MANUAL_DIR and rerun with --manual_dir MANUAL_DIR.")
+    candidates = sorted(p for p in manual_dir.iterdir()
+                        if p.name.endswith((".zip", ".tar", ".tar.gz", ".tgz")))
+    preferred = [p for p in candidates if p.name.startswith(spec["folder"])]
+    if not candidates:
+      sys.exit(f"no archive (.zip/.tar/.tar.gz) in {manual_dir}; expected {spec['archive'][0]}.")
+    archive = (preferred or candidates)[0]
+    print(f"extracting {archive} ...")
+    if name == "tiny_imagenet":
+      _safe_extract(archive, data_dir)  # the zip holds tiny-imagenet-200/
+    else:
+      _safe_extract(archive, root)
+      subdirs = [p for p in root.iterdir() if p.is_dir()]
+      if not (root / "train").is_dir() and len(subdirs) == 1 and (subdirs[0] / "train").is_dir():
+        for child in subdirs[0].iterdir():  # archive had one top-level folder: flatten it
+          shutil.move(str(child), str(root / child.name))
+        subdirs[0].rmdir()
+  if name == "tiny_imagenet":
+    _regroup_tiny_imagenet_val(root)
+  for split, folder in sources.FOLDER_SPLITS.items():
+    classes = sources._class_dirs(root / folder)  # pylint: disable=protected-access
+    if not classes:
+      sys.exit(f"{root / folder} has no class subfolders; expected {folder}/<class>/*.JPEG.")
+    print(f"{name}/{split}: {len(classes)} classes in {root / folder}")
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--dataset", required=True, choices=sources.DATASETS)
+  parser.add_argument("--data_dir", required=True, type=pathlib.Path)
+  parser.add_argument("--manual_dir", type=pathlib.Path, default=None,
+                      help="folder holding the downloaded archive(s); no network is used then")
+  args = parser.parse_args(argv)
+  if args.manual_dir is not None and not args.manual_dir.is_dir():
+    sys.exit(f"--manual_dir {args.manual_dir} is not a directory")
+  if args.dataset in sources.TFDS_DATASETS:
+    prepare_tfds(args.dataset, args.data_dir, args.manual_dir)
+  elif args.dataset in sources.FOLDER_DATASETS:
+    prepare_folder(args.dataset, args.data_dir, args.manual_dir)
+  else:
+    print(f"{args.dataset} is generated in memory; nothing to prepare.")
+
+
+if __name__ == "__main__":
+  main()
