@@ -1,0 +1,128 @@
+"""Tests for mocosfl_jax.checkpoints: round trip, retention, crash safety, error messages."""
+import shutil
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from mocosfl_jax import checkpoints as ckpt
+
+
+def _state(width=4):
+  params = {"dense": {"kernel": jnp.arange(3.0 * width).reshape(3, width), "bias": jnp.ones(width)}}
+  opt_state = optax.adam(1e-3).init(params)
+  return {"params": params, "batch_stats": {}, "opt_state": opt_state,
+          "rng": jax.random.key(7), "step": jnp.int32(12)}
+
+
+def _save_all(directory, accs, **kwargs):
+  with ckpt.Checkpointer(directory, keep_latest=2, keep_best=1, **kwargs) as c:
+    for step, acc in enumerate(accs):
+      c.save(step, _state(), meta={"step_note": step}, metrics={"knn_accuracy": acc})
+    c.wait_until_finished()
+    return c.all_steps(), c.best_step(), c.latest_step()
+
+
+def test_round_trip_with_optax_state_and_typed_key(tmp_path):
+  state = _state()
+  state["opt_state"] = optax.adam(1e-3).update(state["params"], state["opt_state"])[1]
+  meta = {"config": {"lr": 0.06, "cuts": (1, 2)}, "split_config": {"arch": "resnet_tiny"},
+          "sampler": {"epoch": 3, "seed": np.int64(5)}}
+  with ckpt.Checkpointer(tmp_path / "ck") as c:
+    assert c.save(5, state, meta=meta, metrics={"knn_accuracy": 42.0})
+  restored = ckpt.maybe_restore(tmp_path / "ck", jax.tree.map(jnp.zeros_like, _state()))
+  assert restored.step == 5
+  assert isinstance(restored.state["opt_state"][0], optax.ScaleByAdamState)
+  assert jax.dtypes.issubdtype(restored.state["rng"].dtype, jax.dtypes.prng_key)
+  np.testing.assert_array_equal(jax.random.key_data(restored.state["rng"]),
+                                jax.random.key_data(state["rng"]))
+  np.testing.assert_array_equal(jax.random.normal(restored.state["rng"], (3,)),
+                                jax.random.normal(state["rng"], (3,)))
+  chex.assert_trees_all_equal(restored.state["opt_state"], state["opt_state"])
+  chex.assert_trees_all_equal(restored.state["params"], state["params"])
+  assert restored.state["batch_stats"] == {} and int(restored.state["step"]) == 12
+  assert restored.meta["config"] == {"lr": 0.06, "cuts": [1, 2]}
+  assert restored.meta["sampler"] == {"epoch": 3, "seed": 5}
+  assert restored.meta["step"] == 5 and restored.meta["metrics"] == {"knn_accuracy": 42.0}
+  # Abstract target (ShapeDtypeStructs, key dtype included) works the same.
+  abstract = jax.eval_shape(_state)
+  again = ckpt.maybe_restore(tmp_path / "ck", abstract)
+  chex.assert_trees_all_equal(again.state["params"], state["params"])
+  assert ckpt.read_meta(tmp_path / "ck", 5)["split_config"] == {"arch": "resnet_tiny"}
+
+
+def test_keeps_latest_two_plus_best(tmp_path):
+  steps, best, latest = _save_all(tmp_path / "ck", [0.1, 0.9, 0.3, 0.5, 0.2])
+  assert steps == [1, 3, 4] and best == 1 and latest == 4
+  with ckpt.Checkpointer(tmp_path / "ck", read_only=True) as c:
+    assert c.restore("best", _state()).meta["metrics"]["knn_accuracy"] == 0.9
+    assert c.restore("latest", _state()).step == 4
+  assert ckpt.read_meta(tmp_path / "ck", "best")["step_note"] == 1
+
+
+def test_min_mode_keeps_lowest(tmp_path):
+  steps, best, _ = _save_all(tmp_path / "ck", [0.5, 0.1, 0.9, 0.7], best_mode="min")
+  assert steps == [1, 2, 3] and best == 1
+
+
+def test_half_written_steps_are_ignored(tmp_path):
+  directory = tmp_path / "ck"
+  _save_all(directory, [0.1, 0.2])
+  # What orbax leaves when killed mid-write: a tmp dir (never renamed to its final name) ...
+  # (a SIGKILL 0-50 ms after an async save of 256 MB left exactly this name on this machine)
+  shutil.copytree(directory / "1", directory / "2.orbax-checkpoint-tmp")
+  (directory / "2.orbax-checkpoint-tmp" / "commit_success.txt").unlink()
+  # ... and a numeric dir without commit markers (non-atomic filesystem / manual copy).
+  shutil.copytree(directory / "1", directory / "3")
+  (directory / "3" / "commit_success.txt").unlink()
+  (directory / "3" / "_CHECKPOINT_METADATA").unlink()
+  assert ckpt.latest_step(directory) == 1
+  with ckpt.Checkpointer(directory, read_only=True) as c:
+    assert c.all_steps() == [0, 1] and c.latest_step() == 1
+  assert ckpt.maybe_restore(directory, _state()).step == 1
+  # A writer moves the broken dir aside and can write those steps again.
+  with ckpt.Checkpointer(directory) as c:
+    assert c.latest_step() == 1
+    c.save(2, _state(), metrics={"knn_accuracy": 0.3})
+    c.save(3, _state(), metrics={"knn_accuracy": 0.4})
+    c.wait_until_finished()
+    assert c.latest_step() == 3
+  names = {p.name for p in directory.iterdir()}
+  assert any(n.startswith("3.incomplete-") for n in names)
+  assert "2.orbax-checkpoint-tmp" not in names  # orbax's tmp leftovers are cleaned by writers
+
+
+def test_shape_mismatch_names_key_and_shapes(tmp_path):
+  _save_all(tmp_path / "ck", [0.1])
+  # Keys are visited in pytree (sorted-dict) order, so the optimizer's copy is reported first.
+  with pytest.raises(ValueError, match=r"shape mismatch at key 'opt_state/0/mu/dense/bias': "
+                     r"checkpoint has \(4,\), requested state has \(6,\)"):
+    ckpt.maybe_restore(tmp_path / "ck", _state(width=6))
+  extra = dict(_state(), ema={"w": jnp.ones(2)})
+  with pytest.raises(ValueError, match="no key 'ema/w'"):
+    ckpt.maybe_restore(tmp_path / "ck", extra)
+  fewer = {k: v for k, v in _state().items() if k != "rng"}
+  with pytest.raises(ValueError, match="has key 'rng'"):
+    ckpt.maybe_restore(tmp_path / "ck", fewer)
+
+
+def test_missing_things_have_clear_errors(tmp_path):
+  assert ckpt.maybe_restore(tmp_path / "nothing", _state()) is None
+  (tmp_path / "empty").mkdir()
+  assert ckpt.maybe_restore(tmp_path / "empty", _state()) is None
+  assert ckpt.latest_step(tmp_path / "empty") is None
+  with pytest.raises(FileNotFoundError, match="nothing"):
+    ckpt.read_meta(tmp_path / "nothing")
+  _save_all(tmp_path / "ck", [0.1, 0.2])
+  with pytest.raises(FileNotFoundError, match=r"step=7.*available steps: \[0, 1\]"):
+    ckpt.read_meta(tmp_path / "ck", 7)
+  with pytest.raises(ValueError, match="'newest'"):
+    ckpt.read_meta(tmp_path / "ck", "newest")
+  with ckpt.Checkpointer(tmp_path / "ck") as c:
+    with pytest.raises(ValueError, match="step 1 already exists"):
+      c.save(1, _state())
+    with pytest.raises(ValueError, match=r"meta.bad: value of type object"):
+      c.save(2, _state(), meta={"bad": object()})
