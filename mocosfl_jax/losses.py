@@ -1,0 +1,124 @@
+"""Server-side MoCo InfoNCE and the three loss forms with the reference's stop-gradients.
+
+All forms are written so that one `jax.grad` of the returned loss w.r.t. (client params, server
+params) gives exactly the gradients of the split protocol: client-target features are
+`stop_gradient`, keys are `stop_gradient`, and in the original form the A_q fed to the server
+target is `stop_gradient` (clients get gradient from term 1 only).
+
+The reference's batch-shuffle of keys (shuffle rows, run W', unshuffle) is dropped: on one device
+with GroupNorm, or BN over the whole batch, it is a mathematical no-op (§1.4, §10.9).
+"""
+from typing import Any, Tuple
+
+import jax
+import jax.numpy as jnp
+
+from mocosfl_jax.queue import l2_normalize
+
+PyTree = Any
+
+
+def info_nce(q: jax.Array, k: jax.Array, queue: jax.Array, temperature: float):
+  """MoCo InfoNCE with label 0.
+
+  Args:
+    q: [R, D] L2-normalised queries.
+    k: [R, D] L2-normalised positive keys (treated as constants).
+    queue: [K, D] shared negatives, or [G, K', D] per-client negatives where the R rows are G
+      consecutive blocks of R // G rows (pool position order).
+    temperature: T.
+
+  Returns:
+    (loss, accuracy in percent, mean positive cosine), loss = mean_n -log softmax(logits_n)[0]
+    with logits_n = [q_n.k_n, q_n.Q_1, ..., q_n.Q_K] / T.
+  """
+  k = jax.lax.stop_gradient(k)
+  queue = jax.lax.stop_gradient(queue)
+  l_pos = jnp.sum(q * k, axis=-1)                                  # [R]
+  if queue.ndim == 2:
+    l_neg = q @ queue.T                                            # [R, K]
+  else:
+    g = queue.shape[0]
+    r = q.shape[0]
+    if r % g:
+      raise ValueError(f'{r} rows cannot be split over {g} per-client queues.')
+    l_neg = jnp.einsum('grd,gkd->grk', q.reshape(g, r // g, -1), queue).reshape(r, -1)
+  logits = jnp.concatenate([l_pos[:, None], l_neg], axis=1) / temperature
+  loss = jnp.mean(jax.nn.logsumexp(logits, axis=1) - logits[:, 0])
+  acc = 100.0 * jnp.mean((logits[:, 0] >= jnp.max(logits[:, 1:], axis=1)).astype(jnp.float32))
+  return loss, acc, jnp.mean(l_pos)
+
+
+def client_inputs(loss_form: str, x_q: jax.Array, x_k: jax.Array):
+  """Per-client (online input, momentum input): [q;k] / [k;q] for 'two_view', else (q, k)."""
+  if loss_form == 'two_view':
+    return jnp.concatenate([x_q, x_k], axis=0), jnp.concatenate([x_k, x_q], axis=0)
+  return x_q, x_k
+
+
+def _with_params(variables: dict, params: PyTree) -> dict:
+  out = dict(variables)
+  out['params'] = params
+  return out
+
+
+def _embed(net, variables: dict, x: jax.Array):
+  """Normalised projection and the variables with updated running stats (params unchanged)."""
+  proj, new_vars = net.apply_server(variables, x, train=True)
+  new = dict(variables)
+  if 'batch_stats' in new_vars:
+    new['batch_stats'] = new_vars['batch_stats']
+  return l2_normalize(proj), new
+
+
+def server_loss(net, loss_form: str, temperature: float, online_vars: dict, momentum_vars: dict,
+                a_q: jax.Array, a_k: jax.Array, queue: jax.Array, num_groups: int
+                ) -> Tuple[jax.Array, dict]:
+  """Server contrastive loss on concatenated smashed data.
+
+  Args:
+    net: split network (apply_server).
+    loss_form: 'original' | 'two_view' | 'single'.
+    temperature: T.
+    online_vars / momentum_vars: server W and (already EMA-updated) target W' variables.
+    a_q: [R, ...] smashed queries from client online nets, pool order.
+    a_k: [R, ...] smashed keys from client momentum nets (stop-gradient here).
+    queue: pre-step queue, [K, D] shared or [P, K', D] gathered per-client queues.
+    num_groups: P (pool positions), used to group keys per client.
+
+  Returns:
+    (loss, aux) with aux: online_vars / momentum_vars (running stats updated in the reference's
+    call order), keys ([n, D] shared layout, k1 block first for 'original'), client_keys
+    ([P, keys_per_client, D] per-client layout), acc (of the last term, as the reference),
+    pos (mean positive cosine over the computed terms).
+  """
+  a_k = jax.lax.stop_gradient(a_k)
+  if loss_form in ('two_view', 'single'):
+    q, online_vars = _embed(net, online_vars, a_q)
+    k, momentum_vars = _embed(net, momentum_vars, a_k)
+    k = jax.lax.stop_gradient(k)
+    loss, acc, pos = info_nce(q, k, queue, temperature)
+    keys = k
+    client_keys = k.reshape(num_groups, -1, k.shape[-1])
+  elif loss_form == 'original':
+    # Term 1: l(Aq, Ak). Call order W(Aq), W'(Ak), W(Ak), W'(Aq) as the reference (BN stats).
+    q1, online_vars = _embed(net, online_vars, a_q)
+    k2, momentum_vars = _embed(net, momentum_vars, a_k)
+    k2 = jax.lax.stop_gradient(k2)
+    loss1, _, pos1 = info_nce(q1, k2, queue, temperature)
+    # Term 2: l(Ak, Aq): server online on client-*target* features; Aq enters W' without grad.
+    q2, online_vars = _embed(net, online_vars, a_k)
+    k1, momentum_vars = _embed(net, momentum_vars, jax.lax.stop_gradient(a_q))
+    k1 = jax.lax.stop_gradient(k1)
+    loss2, acc, pos2 = info_nce(q2, k1, queue, temperature)
+    loss = loss1 + loss2                        # a sum, not a mean (§10.3)
+    pos = 0.5 * (pos1 + pos2)
+    keys = jnp.concatenate([k1, k2], axis=0)    # k1 block first
+    d = k1.shape[-1]
+    client_keys = jnp.concatenate([k1.reshape(num_groups, -1, d), k2.reshape(num_groups, -1, d)],
+                                  axis=1)
+  else:
+    raise ValueError(f"loss_form={loss_form!r}; valid: ('original', 'two_view', 'single').")
+  aux = dict(online_vars=online_vars, momentum_vars=momentum_vars, keys=keys,
+             client_keys=client_keys, acc=acc, pos=pos)
+  return loss, aux

@@ -1,0 +1,80 @@
+"""PyTorch-equivalent SGD, masked per-client updates and the parameter EMA (spec §1.3, §1.7).
+
+PyTorch SGD (dampening 0, no nesterov): g' = g + wd * w; buf = momentum * buf + g' (buf = g' at
+the first step, which a zero-initialised optax trace reproduces); w = w - lr * buf. We build it
+as optax `add_decayed_weights(wd)` + `trace(momentum)` and apply `-lr` ourselves, so the
+learning rate is an ordinary (traced, per-client) array supplied each step rather than state.
+Weight decay covers every parameter, GroupNorm affine and biases included, as the reference
+(§10.10). Only the 'params' collection is optimised; 'batch_stats' are never touched here.
+"""
+from collections.abc import Mapping
+from typing import Any, Tuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+PyTree = Any
+
+
+def make_sgd(momentum: float = 0.9, weight_decay: float = 5e-4) -> optax.GradientTransformation:
+  """Learning-rate-free part of PyTorch SGD: decayed weights then momentum trace."""
+  return optax.chain(optax.add_decayed_weights(weight_decay), optax.trace(decay=momentum))
+
+
+def sgd_update(tx: optax.GradientTransformation, params: PyTree, opt_state: PyTree,
+               grads: PyTree, lr) -> Tuple[PyTree, PyTree]:
+  """One SGD step with an externally supplied learning rate (scalar array).
+
+  Returns:
+    (new_params, new_opt_state).
+  """
+  direction, opt_state = tx.update(grads, opt_state, params)
+  lr = jnp.asarray(lr, jnp.float32)
+  params = jax.tree.map(lambda p, d: p - lr.astype(p.dtype) * d, params, direction)
+  return params, opt_state
+
+
+def masked_sgd_update(tx: optax.GradientTransformation, params: PyTree, opt_state: PyTree,
+                      grads: PyTree, lrs, mask) -> Tuple[PyTree, PyTree]:
+  """SGD on stacked per-client trees (leading axis N) where only `mask`ed clients step.
+
+  Non-participating clients keep params and optimizer state bit-for-bit (no weight decay, no
+  momentum update), as in the reference where only pool clients call `optimizer.step()`.
+
+  Args:
+    tx: from make_sgd.
+    params, opt_state, grads: stacked trees, leading axis N.
+    lrs: float [N] learning rates.
+    mask: bool [N], True for clients that step.
+  """
+  new_p, new_s = jax.vmap(lambda p, s, g, lr: sgd_update(tx, p, s, g, lr))(params, opt_state,
+                                                                         grads, lrs)
+  return where_clients(mask, new_p, params), where_clients(mask, new_s, opt_state)
+
+
+def where_clients(mask, new: PyTree, old: PyTree) -> PyTree:
+  """Per-client select on stacked trees: leaf[i] = new[i] if mask[i] else old[i] (exact copy)."""
+  mask = jnp.asarray(mask)
+
+  def sel(n, o):
+    m = mask.reshape(mask.shape + (1,) * (n.ndim - mask.ndim))
+    return jnp.where(m, n, o)
+
+  return jax.tree.map(sel, new, old)
+
+
+def ema(target_vars: PyTree, online_vars: PyTree, tau) -> PyTree:
+  """Target <- tau * target + (1 - tau) * online over 'params' only (buffers untouched, §10.9).
+
+  Same arithmetic order as the reference (`t * m + o * (1 - m)`). Works on a variables dict
+  ({'params', 'batch_stats'}) or, when there is no 'params' key, on a bare parameter tree.
+  """
+  def upd(t, o):
+    return t * tau + o * (1.0 - tau)
+
+  if isinstance(target_vars, Mapping) and 'params' in target_vars:
+    new = dict(target_vars)
+    new['params'] = jax.tree.map(upd, target_vars['params'], online_vars['params'])
+    return new
+  return jax.tree.map(upd, target_vars, online_vars)

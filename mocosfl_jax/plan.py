@@ -1,0 +1,216 @@
+"""Static plan of a simulated MocoSFL / MonAcoSFL run: config, sync rule, auto_adjust, pools.
+
+`StepConfig` is a frozen, hashable dataclass so it can be a static argument of the jitted step
+(spec §1, §2, §6, §12). Everything that changes from step to step (epoch, batch index, pool,
+counters) is a traced array instead, so one compiled step serves the whole run.
+"""
+import dataclasses
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+LOSS_FORMS = ('original', 'two_view', 'single')
+LR_SCHEDULES = ('cosine', 'multistep')
+CLIENT_SCHEDULES = ('per_participation', 'per_epoch')
+FLAVOURS = ('mocosfl', 'monacosfl')
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+  """Hyper-parameters of one simulated training step (hashable, static under jit).
+
+  Attributes:
+    num_clients: N, number of clients holding state.
+    pool_size: P, clients per step; None derives int(sample_ratio * N) (spec §1.9).
+    batch_size: B, images per client per step (before the two-view doubling).
+    queue_size: K, shared queue length (per-client queues get K // N rows each).
+    temperature: InfoNCE temperature T.
+    loss_form: 'original' (MocoSFL two-term sum, §1.4), 'two_view' (MonAcoSFL [q;k] concat, single
+      mean, §2.2) or 'single' (V1 non-symmetric ℓ(Aq, Ak)).
+    momentum_sync: MonAcoSFL: FedAvg also averages the client momentum (target) nets (§2.1).
+    tau: EMA coefficient of client and server targets (0.99, hard-coded in the reference).
+    lr: server base learning rate.
+    c_lr: client base learning rate; None means `lr` (reference default c_lr = -1).
+    momentum: SGD momentum (both sides).
+    weight_decay: SGD weight decay, applied to every parameter as the reference does (§10.10).
+    lr_schedule: 'cosine' (V2) or 'multistep' (V1), for server and clients.
+    client_schedule: 'per_participation' (reference quirk §1.7/§10.1: the client scheduler steps
+      once per participation, so chained cosine becomes periodic) or 'per_epoch' (clean).
+    num_epochs: E after any sampling multiplication (cosine T_max).
+    steps_per_epoch: S.
+    avg_freq: FedAvg frequency parameter of the sync rule (§1.8).
+    feature_sharing: one shared queue (True, default) or per-client queues.
+    sample_ratio: r in (0, 1]; used to derive pool_size.
+  """
+  num_clients: int
+  batch_size: int
+  queue_size: int = 6000
+  pool_size: Optional[int] = None
+  temperature: float = 0.1
+  loss_form: str = 'original'
+  momentum_sync: bool = False
+  tau: float = 0.99
+  lr: float = 0.06
+  c_lr: Optional[float] = None
+  momentum: float = 0.9
+  weight_decay: float = 5e-4
+  lr_schedule: str = 'cosine'
+  client_schedule: str = 'per_participation'
+  num_epochs: int = 200
+  steps_per_epoch: int = 500
+  avg_freq: int = 10
+  feature_sharing: bool = True
+  sample_ratio: float = 1.0
+
+  def __post_init__(self):
+    if not isinstance(self.sample_ratio, (int, float)) or not 0.0 < self.sample_ratio <= 1.0:
+      raise ValueError(f'sample_ratio={self.sample_ratio!r} must be in (0, 1].')
+    if self.pool_size is None:
+      object.__setattr__(self, 'pool_size', int(self.sample_ratio * self.num_clients))
+    if self.c_lr is None:
+      object.__setattr__(self, 'c_lr', self.lr)
+    self.validate()
+
+  @property
+  def rows_per_client(self) -> int:
+    """Rows each client sends per step: 2B for the two-view form ([q;k]), else B."""
+    return 2 * self.batch_size if self.loss_form == 'two_view' else self.batch_size
+
+  @property
+  def keys_per_client(self) -> int:
+    """Keys each client contributes to the queue per step (k1 and k2 blocks for 'original')."""
+    return self.batch_size if self.loss_form == 'single' else 2 * self.batch_size
+
+  @property
+  def keys_per_step(self) -> int:
+    """Keys enqueued per step: 2PB for 'original' and 'two_view', PB for 'single'."""
+    return self.pool_size * self.keys_per_client
+
+  @property
+  def client_queue_size(self) -> int:
+    """Rows of each per-client queue when feature_sharing is False (K // N, spec §1.5)."""
+    return self.queue_size // self.num_clients
+
+  def validate(self) -> None:
+    """Raises ValueError naming the first offending field, its value and what is allowed."""
+    def need(cond, msg):
+      if not cond:
+        raise ValueError(msg)
+
+    for name in ('num_clients', 'batch_size', 'queue_size', 'num_epochs', 'steps_per_epoch',
+                 'avg_freq'):
+      v = getattr(self, name)
+      need(isinstance(v, int) and v >= 1, f'{name}={v!r} must be an int >= 1.')
+    need(isinstance(self.pool_size, int) and 1 <= self.pool_size <= self.num_clients,
+         f'pool_size={self.pool_size!r} must be an int in [1, num_clients={self.num_clients}] '
+         f'(derived as int(sample_ratio * num_clients) when not given).')
+    need(self.loss_form in LOSS_FORMS, f'loss_form={self.loss_form!r}; valid: {LOSS_FORMS}.')
+    need(self.lr_schedule in LR_SCHEDULES,
+         f'lr_schedule={self.lr_schedule!r}; valid: {LR_SCHEDULES}.')
+    need(self.client_schedule in CLIENT_SCHEDULES,
+         f'client_schedule={self.client_schedule!r}; valid: {CLIENT_SCHEDULES}.')
+    need(self.temperature > 0, f'temperature={self.temperature!r} must be > 0.')
+    need(0.0 <= self.tau <= 1.0, f'tau={self.tau!r} must be in [0, 1].')
+    need(self.lr >= 0, f'lr={self.lr!r} must be >= 0.')
+    need(self.c_lr >= 0, f'c_lr={self.c_lr!r} must be >= 0 (None means lr).')
+    need(0.0 <= self.momentum < 1.0, f'momentum={self.momentum!r} must be in [0, 1).')
+    need(self.weight_decay >= 0, f'weight_decay={self.weight_decay!r} must be >= 0.')
+    need(self.steps_per_epoch // self.avg_freq >= 1,
+         f'avg_freq={self.avg_freq} > steps_per_epoch={self.steps_per_epoch}: '
+         f'steps_per_epoch // avg_freq == 0 (the reference divides by zero); need avg_freq <= '
+         f'steps_per_epoch.')
+    if self.feature_sharing:
+      need(self.queue_size >= self.keys_per_step,
+           f'queue_size={self.queue_size} is smaller than the {self.keys_per_step} keys enqueued '
+           f'per step (pool_size * {self.keys_per_client} for loss_form={self.loss_form!r}); need '
+           f'queue_size >= {self.keys_per_step}.')
+    else:
+      need(self.client_queue_size >= self.keys_per_client,
+           f'queue_size={self.queue_size}: per-client queues of queue_size // num_clients = '
+           f'{self.client_queue_size} rows are smaller than the {self.keys_per_client} keys each '
+           f'client enqueues per step; need queue_size >= '
+           f'{self.keys_per_client * self.num_clients}.')
+
+
+def is_sync_step(b, steps_per_epoch: int, avg_freq: int):
+  """Reference FedAvg rule after step b (0-based) of an epoch (spec §1.8).
+
+  `b == S-1 or b % (S // avg_freq) == S // avg_freq - 1`. Works on Python ints and on traced
+  int arrays (returns a bool array then). S // avg_freq == 0 raises instead of dividing by zero.
+  """
+  period = steps_per_epoch // avg_freq
+  if period == 0:
+    raise ValueError(f'avg_freq={avg_freq} > steps_per_epoch={steps_per_epoch}: '
+                     'steps_per_epoch // avg_freq == 0.')
+  if isinstance(b, int):
+    return b == steps_per_epoch - 1 or b % period == period - 1
+  b = jnp.asarray(b)
+  return (b == steps_per_epoch - 1) | (b % period == period - 1)
+
+
+def sampling_epochs(num_epochs: int, sample_ratio: float) -> int:
+  """E * int(1 / r), as the reference multiplies epochs under sampling (§1.9, quirk §10.11)."""
+  return num_epochs * int(1.0 / sample_ratio)
+
+
+def auto_adjust(num_clients: int, flavour: str = 'mocosfl', *, batch_size: Optional[int] = None,
+                num_epochs: int = 200, queue_size: int = 6000, avg_freq: int = 1,
+                sample_ratio: float = 1.0, feature_sharing: bool = True,
+                adjust_batch_for_large: bool = True) -> dict:
+  """The reference's `--auto_adjust` (S: spec §6.2; M: §2.3).
+
+  Args:
+    num_clients: N.
+    flavour: 'mocosfl' (S: B = 100 // N for N <= 50, else 1) or 'monacosfl' (M: B = batch_size // N
+      for N <= 50, else 1; default batch_size 12, so 5 clients give B = 2 as in M's scripts).
+    batch_size: M's input batch size (default 12); ignored by S.
+    num_epochs, queue_size, avg_freq, sample_ratio: values before adjustment.
+    feature_sharing: M only: without it K is multiplied by N and B is left unchanged.
+    adjust_batch_for_large: M only; False is `--dont_adjust_batch_size_for_large_clients` (B // N).
+
+  Returns:
+    dict with batch_size, avg_freq, sample_ratio, num_epochs (E * int(1/r)), queue_size.
+  """
+  if flavour not in FLAVOURS:
+    raise ValueError(f'flavour={flavour!r}; valid: {FLAVOURS}.')
+  n = num_clients
+  if not isinstance(n, int) or n < 1:
+    raise ValueError(f'num_clients={n!r} must be an int >= 1.')
+  k = queue_size
+  if flavour == 'mocosfl':
+    b = 100 // n if n <= 50 else 1
+    if n <= 1000:
+      avg_freq = 1000 // (b * n)
+  else:
+    b0 = 12 if batch_size is None else batch_size
+    if not feature_sharing:
+      b, k = b0, queue_size * n
+    elif n <= 50 or not adjust_batch_for_large:
+      b = b0 // n
+    else:
+      b = 1
+    if b < 1:
+      raise ValueError(f'batch_size={b0} // num_clients={n} == 0 after auto_adjust; use '
+                       f'batch_size >= {n}.')
+    avg_freq = max(1, 1000 // (b * n))
+  if b < 1 or avg_freq < 1:
+    raise ValueError(f'auto_adjust gave batch_size={b}, avg_freq={avg_freq} for num_clients={n}.')
+  if n >= 200:
+    sample_ratio = 1.0 / (n // 100)
+  return dict(batch_size=b, avg_freq=avg_freq, sample_ratio=sample_ratio,
+              num_epochs=sampling_epochs(num_epochs, sample_ratio), queue_size=k)
+
+
+def sample_pool(key: jax.Array, epoch, num_clients: int, pool_size: int) -> jax.Array:
+  """Clients participating during `epoch` (fixed for all S steps of the epoch, spec §1.2).
+
+  P == N gives range(N) in natural order (as the reference); otherwise P distinct clients in
+  random order, a deterministic function of (key, epoch). Returns int32 [P].
+  """
+  if not 1 <= pool_size <= num_clients:
+    raise ValueError(f'pool_size={pool_size} must be in [1, num_clients={num_clients}].')
+  if pool_size == num_clients:
+    return jnp.arange(num_clients, dtype=jnp.int32)
+  perm = jax.random.permutation(jax.random.fold_in(key, epoch), num_clients)
+  return perm[:pool_size].astype(jnp.int32)

@@ -1,0 +1,191 @@
+"""Shared helpers of the training-core tests (not collected by pytest): tiny nets, step cases.
+
+`tiny_net()` returns the lead's `resnet_tiny` from mocosfl_jax.models once that package exists,
+else a stand-in with exactly the contract's interface (init_client / init_server / apply_client /
+apply_server / server_features, smashed_shape, key_dim, feature_dim). The stand-in can put a
+BatchNorm on each side so the tests also cover running-stat threading and averaging.
+"""
+import dataclasses
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import pytest
+
+from mocosfl_jax import plan
+from mocosfl_jax.plan import StepConfig
+
+
+@pytest.fixture(scope='module')
+def fast_compile():
+  """XLA with most optimisations off: 2-4x faster compiles of these tiny nets, same numbers."""
+  prev = jax.config.values['jax_disable_most_optimizations']
+  jax.config.update('jax_disable_most_optimizations', True)
+  yield
+  jax.config.update('jax_disable_most_optimizations', prev)
+
+
+class _Client(nn.Module):
+  width: int
+  bn: bool
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    x = nn.Conv(self.width, (3, 3), padding=1)(x)
+    x = nn.GroupNorm(num_groups=2)(x)
+    if self.bn:
+      x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+    return nn.relu(x)
+
+
+class _Server(nn.Module):
+  width: int
+  key_dim: int
+  bn: bool
+
+  def features(self, x):
+    x = nn.Conv(2 * self.width, (3, 3), strides=2, padding=1, name='conv')(x)
+    x = nn.relu(nn.GroupNorm(num_groups=2, name='gn')(x))
+    return jnp.mean(x, axis=(1, 2))
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    h = self.features(x)
+    h = nn.Dense(2 * self.width, name='fc1')(h)
+    if self.bn:
+      h = nn.BatchNorm(use_running_average=not train, momentum=0.9, name='bn')(h)
+    h = nn.relu(h)
+    return nn.Dense(self.key_dim, name='fc2')(h)
+
+
+@dataclasses.dataclass(frozen=True)
+class StandInNet:
+  """Contract-shaped split net: conv+GN(+BN) client, conv+GN+GAP+MLP(+BN) server."""
+  width: int = 4
+  input_size: int = 8
+  key_dim: int = 8
+  client_bn: bool = False
+  server_bn: bool = False
+
+  @property
+  def _client(self):
+    return _Client(self.width, self.client_bn)
+
+  @property
+  def _server(self):
+    return _Server(self.width, self.key_dim, self.server_bn)
+
+  @property
+  def smashed_shape(self):
+    return (self.input_size, self.input_size, self.width)
+
+  @property
+  def feature_dim(self):
+    return 2 * self.width
+
+  def init_client(self, key):
+    x = jnp.zeros((2, self.input_size, self.input_size, 3))
+    v = dict(self._client.init(key, x, train=False))
+    v.setdefault('batch_stats', {})
+    return v
+
+  def init_server(self, key):
+    v = dict(self._server.init(key, jnp.zeros((2,) + self.smashed_shape), train=False))
+    v.setdefault('batch_stats', {})
+    return v
+
+  @staticmethod
+  def _apply(module, variables, x, train):
+    out, mut = module.apply(variables, x, train=train, mutable=['batch_stats'])
+    new = dict(variables)
+    if train and mut.get('batch_stats'):
+      new['batch_stats'] = mut['batch_stats']
+    return out, new
+
+  def apply_client(self, variables, x, train=True):
+    return self._apply(self._client, variables, x, train)
+
+  def apply_server(self, variables, smashed, train=True):
+    return self._apply(self._server, variables, smashed, train)
+
+  def server_features(self, variables, smashed):
+    return self._server.apply(variables, smashed, method=_Server.features)
+
+
+def tiny_net(client_bn: bool = False, server_bn: bool = False, head: str = 'V2'):
+  """The lead's resnet_tiny (cut 1, width 4, 8x8) when available, else the stand-in.
+
+  With resnet_tiny the BN flags are ignored; head='largeV2' gives it a server-side BatchNorm.
+  """
+  try:
+    from mocosfl_jax.models import SplitConfig, build  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return StandInNet(client_bn=client_bn, server_bn=server_bn or head == 'largeV2')
+  return build(SplitConfig(arch='resnet_tiny', cut=1, input_size=8, bottleneck='None', head=head,
+                           ws=True, c_residual=True, width=4))
+
+
+# ---- shared step-test cases (same objects across test files => one compile per case) ----------
+
+_COMMON = dict(batch_size=2, num_epochs=3, steps_per_epoch=4, avg_freq=2, lr=0.06)
+# Each case: (net builder, StepConfig kwargs). Two cases run the lead's resnet_tiny; two run the
+# stand-in, which is ~4x cheaper to compile and is the only tiny net with a *client-side*
+# BatchNorm (per-client running stats under vmap).
+CASES = {
+    # MocoSFL: original two-term loss, all clients, shared queue (24 keys/step, K=40 wraps).
+    'moco_original_full': (lambda: StandInNet(server_bn=True), dict(
+        num_clients=3, queue_size=40, loss_form='original', **dict(_COMMON, batch_size=4))),
+    # MocoSFL with sampling, per-client queues, multistep schedule stepped per epoch, V1 head.
+    'moco_original_sampled_pcq': (lambda: tiny_net(head='V1'), dict(
+        num_clients=4, sample_ratio=0.5, queue_size=40, feature_sharing=False,
+        loss_form='original', lr_schedule='multistep', client_schedule='per_epoch',
+        **dict(_COMMON, num_epochs=2))),
+    # MonAcoSFL: two-view form, momentum sync, sampling, largeV2 head (server BatchNorm).
+    'monaco_two_view_sampled': (lambda: tiny_net(head='largeV2'), dict(
+        num_clients=4, sample_ratio=0.5, queue_size=12, loss_form='two_view',
+        momentum_sync=True, **_COMMON)),
+    # MonAcoSFL without sampling; BatchNorm on both sides.
+    'monaco_two_view_full': (lambda: StandInNet(client_bn=True, server_bn=True), dict(
+        num_clients=3, queue_size=40, loss_form='two_view', momentum_sync=True,
+        **dict(_COMMON, batch_size=4))),
+}
+
+
+def case(name):
+  """(net, cfg) of a named case."""
+  make_net, cfg_kw = CASES[name]
+  return make_net(), StepConfig(**cfg_kw)
+
+
+def pool_for(cfg, epoch):
+  """The epoch's pool (fixed key), natural order when there is no sampling."""
+  return plan.sample_pool(jax.random.key(7), epoch, cfg.num_clients, cfg.pool_size)
+
+
+def views(cfg, net, seed):
+  """Random normalised query/key views [P, B, H, W, 3] for one step."""
+  del net
+  h = 8
+  kq, kk = jax.random.split(jax.random.key(1000 + seed))
+  shape = (cfg.pool_size, cfg.batch_size, h, h, 3)
+  return jax.random.normal(kq, shape), jax.random.normal(kk, shape)
+
+
+def assert_states_close(got, ref):
+  """(ClientState, ServerState) pairs equal to 1e-5; optimizer buffers to 3e-4 absolute.
+
+  The SGD momentum buffers hold raw (un-scaled) gradient sums of magnitude up to ~5; with
+  BatchNorm over a handful of rows float32 re-association noise in them reaches ~1e-4 between
+  two mathematically identical gradient paths (the same comparison in float64 agrees to 3e-8).
+  Everything the optimizer *applies* (params, lr * buffer) stays within 1e-5.
+  """
+  strip = lambda t: tuple(x.replace(opt_state=None) for x in t)
+  chex.assert_trees_all_close(strip(got), strip(ref), rtol=1e-5, atol=1e-5)
+  chex.assert_trees_all_close(tuple(x.opt_state for x in got), tuple(x.opt_state for x in ref),
+                              rtol=1e-5, atol=3e-4)
+
+
+def copy_tree(tree):
+  """Deep copy (fresh buffers) so a donated original can still be compared against."""
+  return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
