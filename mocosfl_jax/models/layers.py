@@ -6,6 +6,9 @@ convs, transposed convs and linear layers use xavier-uniform weights and zero bi
 All tensors are NHWC; kernels HWIO. Padding is always explicit and symmetric, as in PyTorch
 (flax's 'SAME' pads stride-2 convs asymmetrically, which would change the numbers).
 """
+import contextlib
+import contextvars
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -16,6 +19,54 @@ torch_default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in"
 xavier_uniform = nn.initializers.xavier_uniform()
 
 WS_EPS = 1e-5  # added to the (unbiased) std, not to the variance, as the reference does.
+
+
+CONV_IMPLS = ("auto", "lax", "matmul")
+_CONV_IMPL = contextvars.ContextVar("conv_impl", default="lax")
+
+
+@contextlib.contextmanager
+def conv_impl(impl: str):
+  """Selects how `Conv` computes while a split network traces (set from its SplitConfig).
+
+  'matmul' writes each conv as one matmul over k*k explicitly shifted views of the input. On
+  XLA:CPU this is ~2x faster for a shared batch (the weight gradient becomes one large GEMM
+  instead of XLA's slow wgrad convolution) and orders of magnitude faster under `vmap` over
+  per-client weights, which XLA otherwise lowers to grouped convolutions. 'auto' = matmul on CPU.
+  Same parameters and maths; only float rounding differs.
+  """
+  if impl == "auto":
+    impl = "matmul" if jax.default_backend() == "cpu" else "lax"
+  token = _CONV_IMPL.set(impl)
+  try:
+    yield
+  finally:
+    _CONV_IMPL.reset(token)
+
+
+def _shifted_views(x, k: int, stride: int, padding: int):
+  xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  ho = (x.shape[1] + 2 * padding - k) // stride + 1
+  wo = (x.shape[2] + 2 * padding - k) // stride + 1
+  return [xp[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride, :]
+          for i in range(k) for j in range(k)]
+
+
+def conv_matmul(x, kernel, stride: int, padding: int, groups: int = 1):
+  """NHWC x HWIO convolution as shifted views: one matmul (groups=1) or a weighted sum (depthwise)."""
+  k, _, cin_g, out = kernel.shape
+  if k == 1 and padding == 0:
+    return jnp.einsum("bhwc,co->bhwo", x[:, ::stride, ::stride], kernel[0, 0])
+  views = _shifted_views(x, k, stride, padding)
+  if groups == 1:
+    patches = jnp.concatenate(views, axis=-1)
+    return jnp.einsum("bhwc,co->bhwo", patches, kernel.reshape(k * k * cin_g, out))
+  if cin_g == 1 and groups == out == x.shape[-1]:  # depthwise
+    w = kernel.reshape(k * k, out)
+    return sum(v * w[i] for i, v in enumerate(views))
+  return lax.conv_general_dilated(x, kernel, (stride, stride), [(padding, padding)] * 2,
+                                  dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                  feature_group_count=groups)
 
 
 def torch_default_bias_init(fan_in: int):
@@ -59,9 +110,12 @@ class Conv(nn.Module):
     kernel = self.param("kernel", kernel_init, shape)
     if self.ws:
       kernel = standardize_kernel(kernel)
-    y = lax.conv_general_dilated(
-        x, kernel, (self.stride, self.stride), [(self.padding, self.padding)] * 2,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=self.groups)
+    if _CONV_IMPL.get() == "matmul":
+      y = conv_matmul(x, kernel, self.stride, self.padding, self.groups)
+    else:
+      y = lax.conv_general_dilated(
+          x, kernel, (self.stride, self.stride), [(self.padding, self.padding)] * 2,
+          dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=self.groups)
     if self.use_bias:
       bias_init = torch_default_bias_init(fan_in) if self.ws else nn.initializers.zeros
       y = y + self.param("bias", bias_init, (self.features,))

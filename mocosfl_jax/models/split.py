@@ -45,6 +45,8 @@ class SplitConfig:
     ws: Weight Standardisation in the backbone convs (the stem is always WS, as the reference).
     c_residual: keep the skip connections of client-side blocks.
     width: base width of ResNets (64 in the papers; smaller only for tests).
+    conv_impl: how convolutions compute ('auto' = shifted-view matmuls on CPU, XLA's conv
+      elsewhere; see layers.conv_impl). Changes speed only, never parameters.
   """
   arch: str = "resnet18"
   cut: int = 1
@@ -54,6 +56,7 @@ class SplitConfig:
   ws: bool = True
   c_residual: bool = True
   width: int = 64
+  conv_impl: str = "auto"
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
@@ -95,6 +98,8 @@ def validate(cfg: SplitConfig) -> None:
   if not isinstance(cfg.cut, int) or cfg.cut < 1:
     raise ValueError(f"cut={cfg.cut!r} is invalid for {cfg.arch}: valid cuts are 1..{n} "
                      f"(larger values put the whole backbone on the client)")
+  if cfg.conv_impl not in L.CONV_IMPLS:
+    raise ValueError(f"conv_impl={cfg.conv_impl!r} is unknown; valid: {list(L.CONV_IMPLS)}")
   if cfg.head not in heads.KEY_DIM:
     raise ValueError(f"head={cfg.head!r} is unknown; valid: {list(heads.KEY_DIM)}")
   if cfg.arch in RESNETS:
@@ -144,10 +149,11 @@ class ClientNet(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     arch = _arch(self.cfg)
-    for i in range(arch.cut):
-      x = arch.layers[i](name=f"layer{i}")(x, train)
-    if arch.bottleneck is not None and self.with_bottleneck:
-      x = bnl.BottleneckTail(arch.bottleneck, name="bottleneck")(x)
+    with L.conv_impl(self.cfg.conv_impl):
+      for i in range(arch.cut):
+        x = arch.layers[i](name=f"layer{i}")(x, train)
+      if arch.bottleneck is not None and self.with_bottleneck:
+        x = bnl.BottleneckTail(arch.bottleneck, name="bottleneck")(x)
     return x
 
 
@@ -160,11 +166,12 @@ class ServerNet(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False, features_only: bool = False):
     arch = _arch(self.cfg)
-    if arch.bottleneck is not None and self.start > 0:
-      x = bnl.BottleneckHead(arch.bottleneck, self.cut_channels, arch.stride1_head_kernel,
-                             name="bottleneck")(x)
-    for i in range(self.start, len(arch.layers)):
-      x = arch.layers[i](name=f"layer{i}")(x, train)
+    with L.conv_impl(self.cfg.conv_impl):
+      if arch.bottleneck is not None and self.start > 0:
+        x = bnl.BottleneckHead(arch.bottleneck, self.cut_channels, arch.stride1_head_kernel,
+                               name="bottleneck")(x)
+      for i in range(self.start, len(arch.layers)):
+        x = arch.layers[i](name=f"layer{i}")(x, train)
     features = arch.pool(x)
     if features_only:
       return features
@@ -174,7 +181,7 @@ class ServerNet(nn.Module):
 def _raw_smashed_shape(cfg: SplitConfig) -> tuple[int, int, int]:
   x = jax.ShapeDtypeStruct((1, cfg.input_size, cfg.input_size, 3), jnp.float32)
   module = ClientNet(cfg, with_bottleneck=False)
-  out = jax.eval_shape(lambda: module.init_with_output(jax.random.key(0), x)[0])
+  out = jax.eval_shape(lambda x: module.init_with_output(jax.random.key(0), x)[0], x)
   return tuple(out.shape[1:])
 
 
@@ -206,7 +213,8 @@ class SplitNet:
     self.client_module = ClientNet(cfg)
     self.server_module = ServerNet(cfg, start=arch.cut, cut_channels=self.cut_channels)
     x = jax.ShapeDtypeStruct((1, *self.input_shape), jnp.float32)
-    out = jax.eval_shape(lambda: self.client_module.init_with_output(jax.random.key(0), x)[0])
+    out = jax.eval_shape(lambda x: self.client_module.init_with_output(jax.random.key(0), x)[0],
+                         x)
     self.smashed_shape = tuple(out.shape[1:])
 
   def __eq__(self, other):
