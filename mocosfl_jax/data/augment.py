@@ -252,7 +252,8 @@ NUM_UNIFORMS = CROP_UNIFORMS + JITTER_UNIFORMS + 5
 
 # ------------------------------------------------------------------ pipelines
 
-def augment(key, image, mean, std, pipeline: str = "mocov2", out_size=None):
+def augment(key, image, mean, std, pipeline: str = "mocov2", out_size=None,
+            crop_scale=CROP_SCALE):
   """One augmented, normalised view of one image.
 
   Args:
@@ -261,6 +262,8 @@ def augment(key, image, mean, std, pipeline: str = "mocov2", out_size=None):
     mean, std: (3,) normalisation constants on the [0, 1] scale.
     pipeline: 'mocov2', 'mocov1' or 'none' (static).
     out_size: int or (h, w) output size of the random resized crop (static); default (H, W).
+    crop_scale: (min, max) area fraction of the random resized crop; the reference's (0.08, 1)
+      by default. Tiny images (8x8 digits) keep more class content with a larger minimum.
 
   Returns:
     float32 [out_h, out_w, 3].
@@ -278,7 +281,7 @@ def augment(key, image, mean, std, pipeline: str = "mocov2", out_size=None):
       raise ValueError(f"pipeline='none' does not resize; out_size={out_size} != {(height, width)}")
     return normalise(img, mean, std)
   u = jax.random.uniform(key, (NUM_UNIFORMS,))
-  box = crop_box_from_uniforms(u[_U_CROP], height, width)
+  box = crop_box_from_uniforms(u[_U_CROP], height, width, scale=tuple(crop_scale))
   img = resized_crop(img, box, tuple(out_size), planar_out=True)  # CHW from here on
   chw = dict(channel_axis=0)
   if pipeline == "mocov1":
@@ -293,8 +296,9 @@ def augment(key, image, mean, std, pipeline: str = "mocov2", out_size=None):
   return normalise(jnp.moveaxis(img, 0, -1), mean, std)
 
 
-@functools.partial(jax.jit, static_argnames=("pipeline", "out_size"))
-def two_views(key, images, mean, std, pipeline: str = "mocov2", out_size=None):
+@functools.partial(jax.jit, static_argnames=("pipeline", "out_size", "crop_scale"))
+def two_views(key, images, mean, std, pipeline: str = "mocov2", out_size=None,
+              crop_scale=CROP_SCALE):
   """Query and key views of uint8 images [..., H, W, 3] (any leading axes, e.g. [clients, batch]).
 
   Every image and view gets its own key (split from `key`), so views are independent draws.
@@ -302,7 +306,8 @@ def two_views(key, images, mean, std, pipeline: str = "mocov2", out_size=None):
   """
   lead = images.shape[:-3]
   flat = images.reshape((-1,) + images.shape[-3:])
-  fn = functools.partial(augment, mean=mean, std=std, pipeline=pipeline, out_size=out_size)
+  fn = functools.partial(augment, mean=mean, std=std, pipeline=pipeline, out_size=out_size,
+                         crop_scale=crop_scale)
   keys = jax.random.split(key, 2 * flat.shape[0])  # view q: first half, view k: second half
   # One flat vmap over both views (one traced body; ~2x faster on CPU than nesting a view vmap
   # over broadcast images, whose batched einsums XLA lays out badly).

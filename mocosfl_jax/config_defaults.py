@@ -1,0 +1,78 @@
+"""Every field of a run, with the reference's defaults (spec §6.1); configs/*.py override a few.
+
+Lives in the package (not configs/) so config files import it wherever the package is installed.
+
+    python -m mocosfl_jax.main --config configs/default.py --workdir runs/x --config.num_clients=5
+
+Sentinels: -1 means "derive" (c_lr -> lr, num_steps -> num_epochs x steps_per_epoch,
+eval_every_steps -> once per epoch, image_size -> the dataset's). Field names follow the
+reference's argparse names where they exist (cut = cutlayer, queue_size = K, temperature = T).
+"""
+import ml_collections
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+  # Data.
+  c.dataset = "cifar10"
+  c.data_dir = ""                 # tfds data_dir ('' = $TFDS_DATA_DIR or ~/tensorflow_datasets)
+  c.image_size = -1
+  c.val_fraction = 0.1            # held out of the training split for checkpoint selection
+  c.partition = "auto"            # auto (iid if noniid_ratio == 1 else shards) | iid | shards | dirichlet
+  c.noniid_ratio = 1.0
+  c.dirichlet_alpha = 0.5
+  c.data_proportion = 1.0
+  c.augmentation = "mocov2"       # mocov2 | mocov1 | none
+  c.crop_min_scale = 0.08         # random resized crop area (min, 1); the reference's 0.08
+  # Federation.
+  c.num_clients = 5
+  c.sample_ratio = 1.0
+  c.batch_size = 20
+  c.auto_adjust = False           # the reference's --auto_adjust (flavour below picks S or M rules)
+  c.flavour = "mocosfl"           # mocosfl | monacosfl (only used by auto_adjust)
+  c.avg_freq = 10
+  # Model.
+  c.arch = "resnet18"
+  c.cut = 1
+  c.bottleneck = "None"
+  c.head = "V2"
+  c.ws = True
+  c.c_residual = True
+  c.width = 64
+  # Algorithm.
+  c.loss_form = "original"        # original (MocoSFL) | two_view (MonAcoSFL) | single (V1)
+  c.momentum_sync = False         # True = MonAcoSFL
+  c.queue_size = 6000
+  c.temperature = 0.1
+  c.tau = 0.99
+  c.lr = 0.06
+  c.c_lr = -1.0
+  c.momentum = 0.9
+  c.weight_decay = 5e-4
+  c.lr_schedule = "cosine"
+  c.client_schedule = "per_participation"   # the reference's quirk (default) | per_epoch
+  c.num_epochs = 200
+  c.feature_sharing = True
+  # Run.
+  c.seed = 1234
+  c.num_steps = -1
+  c.log_every_steps = 10
+  c.eval_every_steps = -1
+  c.checkpoint_every_steps = 500
+  c.keep_checkpoints = 2
+  c.knn_k = 200
+  c.knn_t = 0.1
+  c.eval_batch_size = 256
+  c.final_protocols = "knn"       # comma list of knn, linear, semi (evaluate.py runs them later too)
+  return c
+
+
+def parse_arg(arg: str | None, defaults: dict) -> dict:
+  """'a=1,b=x' -> dict with the defaults' types; unknown keys are an error naming the valid ones."""
+  out = dict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, _, value = item.partition("=")
+    if key not in defaults:
+      raise ValueError(f"config argument {key!r} is unknown; valid: {sorted(defaults)}")
+    out[key] = type(defaults[key])(value)
+  return out

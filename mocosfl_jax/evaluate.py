@@ -1,0 +1,127 @@
+"""Evaluate a run's checkpoint: kNN, linear probe, semi-supervised probes (1% and 10% labels).
+
+    python -m mocosfl_jax.evaluate --workdir runs/quickstart --checkpoint best \
+        --protocol knn,linear,semi --recipe reference,clean
+
+Everything is rebuilt from the checkpoint's own metadata (model, config, dataset): no training
+process is needed. Features come from client 0's online slice + the server's online backbone
+(the reference's choice; after a sync every client holds the same model). The kNN monitor uses
+the projection output (spec §5.1); the probes use pooled backbone features (§5.2-5.3). Both the
+reference's "best test accuracy over epochs" and the final-epoch accuracy are reported.
+Results are printed and written to `<workdir>/eval_<step>.json`.
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from mocosfl_jax import checkpoints, knn, plan, probes, state as state_lib, train
+from mocosfl_jax.models import SplitConfig, build
+
+PROTOCOLS = ("knn", "linear", "semi")
+
+
+def restore_for_eval(workdir, checkpoint="best"):
+  """(plan, net, clients, server, step) from a run directory's checkpoint and its metadata."""
+  ckpt_dir = Path(workdir) / "checkpoints"
+  if checkpoints.latest_step(ckpt_dir) is None:
+    raise FileNotFoundError(f"no checkpoint under {ckpt_dir}; is --workdir a training run "
+                            "directory (python -m mocosfl_jax.main --workdir ...)?")
+  step = int(checkpoint) if str(checkpoint).isdigit() else checkpoint
+  with checkpoints.Checkpointer(ckpt_dir, read_only=True) as ckpt:
+    meta = ckpt.read_meta(step)
+    if "model" not in meta or "step_config" not in meta or "config" not in meta:
+      raise ValueError(f"checkpoint {step} in {ckpt_dir} has no model/config metadata; it was not "
+                       "written by mocosfl_jax.train")
+    config = ml_collections.ConfigDict(meta["config"])
+    p = train.resolve(config)
+    net = build(SplitConfig.from_dict(meta["model"]))
+    cfg = plan.StepConfig(**meta["step_config"])
+    abstract = jax.eval_shape(lambda: dict(zip(("clients", "server"),
+                                               state_lib.init_state(net, cfg, jax.random.key(0)))))
+    restored = ckpt.restore(step, abstract)
+  return p, net, restored.state["clients"], restored.state["server"], restored.step
+
+
+def evaluate(workdir, checkpoint="best", protocols=("knn",), recipes=("reference",),
+             epochs: int = 100, seed: int = 0, batch_size: int = 256) -> dict:
+  p, net, clients, server, step = restore_for_eval(workdir, checkpoint)
+  mean, std = jnp.asarray(p.aug.mean), jnp.asarray(p.aug.std)
+  args = (train.client0(clients), server.online)
+  results = {"workdir": str(Path(workdir).absolute()), "step": step, "dataset": p.train.name}
+  if "knn" in protocols:
+    fn = train.embed_fn(net, mean, std)
+    bank = knn.extract_features(fn, p.train.images, batch_size, args=args)
+    test = knn.extract_features(fn, p.test.images, batch_size, args=args)
+    keep = p.train.labels >= 0
+    results["knn_accuracy"] = knn.knn_accuracy(bank[keep], p.train.labels[keep], test,
+                                               p.test.labels, p.train.num_classes,
+                                               k=min(200, int(keep.sum())))
+  if {"linear", "semi"} & set(protocols):
+    fn = train.features_fn(net, mean, std)
+    keep = p.train.labels >= 0
+    train_x = knn.extract_features(fn, p.train.images[keep], batch_size, args=args)
+    test_x = knn.extract_features(fn, p.test.images, batch_size, args=args)
+    train_y = p.train.labels[keep]
+    key = jax.random.key(seed)
+    for recipe in recipes:
+      if "linear" in protocols:
+        r = probes.linear_probe(train_x, train_y, test_x, p.test.labels, p.train.num_classes,
+                                key=key, recipe=recipe, epochs=epochs)
+        results[f"linear_{recipe}"] = {"final": r.final_accuracy, "best": r.best_accuracy,
+                                       "best_epoch": r.best_epoch}
+      if "semi" in protocols:
+        for fraction in (0.1, 0.01):
+          try:
+            r = probes.semi_supervised_probe(train_x, train_y, test_x, p.test.labels,
+                                             p.train.num_classes, key=key, fraction=fraction,
+                                             recipe=recipe, epochs=epochs)
+          except ValueError as e:  # e.g. 1% of a tiny dataset selects nothing
+            results[f"semi{int(fraction * 100)}_{recipe}"] = {"error": str(e)}
+            continue
+          results[f"semi{int(fraction * 100)}_{recipe}"] = {
+              "final": r.final_accuracy, "best": r.best_accuracy, "best_epoch": r.best_epoch,
+              "num_labels": r.num_train}
+  return results
+
+
+def main(argv=None) -> int:
+  a = argparse.ArgumentParser(prog="python -m mocosfl_jax.evaluate", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  a.add_argument("--workdir", required=True)
+  a.add_argument("--checkpoint", default="best", help="latest, best or a step number")
+  a.add_argument("--protocol", default="knn,linear,semi")
+  a.add_argument("--recipe", default="reference,clean", help="reference and/or clean")
+  a.add_argument("--epochs", type=int, default=100)
+  a.add_argument("--seed", type=int, default=0)
+  args = a.parse_args(argv)
+  protocols = tuple(filter(None, args.protocol.split(",")))
+  recipes = tuple(filter(None, args.recipe.split(",")))
+  bad = [x for x in protocols if x not in PROTOCOLS] + [r for r in recipes if r not in
+                                                         probes.RECIPES]
+  if bad:
+    print(f"error: unknown protocol/recipe {bad}; valid: {PROTOCOLS} and {probes.RECIPES}",
+          file=sys.stderr)
+    return 2
+  t0 = time.time()
+  try:
+    results = evaluate(args.workdir, args.checkpoint, protocols, recipes, args.epochs, args.seed)
+  except (FileNotFoundError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  results["seconds"] = time.time() - t0
+  out = Path(args.workdir) / f"eval_{results['step']}.json"
+  out.write_text(json.dumps(results, indent=1))
+  print(json.dumps(results, indent=1))
+  print(f"written to {out}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
