@@ -22,7 +22,7 @@ def get_config():
   c.num_steps = 6
   c.avg_freq = 2
   c.log_every_steps = 2
-  c.eval_every_steps = 3
+  c.eval_every_steps = 6
   c.checkpoint_every_steps = 3
   c.eval_batch_size = 64
   c.knn_k = 10

@@ -241,14 +241,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   table = sampler.ClientTable.from_partition(p.parts, cfg.batch_size)
   embed = embed_fn(net, jnp.asarray(p.aug.mean), jnp.asarray(p.aug.std))
 
+  def save(step, clients, server, metrics=None):
+    if step not in ckpt.all_steps():
+      ckpt.save(step, {"clients": clients, "server": server}, meta=meta, metrics=metrics)
+
   def evaluate_and_save(step, clients, server, extra=None):
     t0 = time.time()
     acc = knn_eval(embed, clients, server, p.train, p.val, config)
-    record = {"knn_accuracy": acc, "eval_seconds": time.time() - t0, **(extra or {})}
-    writer.write(step, record)
-    if step not in ckpt.all_steps():
-      ckpt.save(step, {"clients": clients, "server": server}, meta=meta,
-                metrics={"knn_accuracy": acc})
+    writer.write(step, {"knn_accuracy": acc, "eval_seconds": time.time() - t0, **(extra or {})})
+    save(step, clients, server, {"knn_accuracy": acc})
     return acc
 
   if start == 0:
@@ -258,7 +259,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   try:
     results = _train_loop(config, p, net, cfg, ckpt, writer, clients, server, start, images,
                           table, keys=(data_key, aug_key, pool_key),
-                          evaluate_and_save=evaluate_and_save, embed=embed)
+                          evaluate_and_save=evaluate_and_save, save=save, embed=embed)
   finally:  # let pending checkpoint writes finish even on Ctrl-C, so resume finds them
     ckpt.close()
     writer.close()
@@ -271,7 +272,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def _train_loop(config, p, net, cfg, ckpt, writer, clients, server, start, images, table, *,
-                keys, evaluate_and_save, embed):
+                keys, evaluate_and_save, save, embed):
   data_key, aug_key, pool_key = keys
   ckpt_dir = ckpt.directory
   progress = metrics.Progress(p.num_steps, every=config.log_every_steps)
@@ -302,7 +303,7 @@ def _train_loop(config, p, net, cfg, ckpt, writer, clients, server, start, image
     if done % p.eval_every == 0 or done == p.num_steps:
       evaluate_and_save(done, clients, server)
     elif done % config.checkpoint_every_steps == 0:
-      ckpt.save(done, {"clients": clients, "server": server}, meta=meta)
+      save(done, clients, server)
 
   ckpt.wait_until_finished()
   ckpt.wait_until_finished()
