@@ -263,6 +263,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   finally:  # let pending checkpoint writes finish even on Ctrl-C, so resume finds them
     ckpt.close()
     writer.close()
+  probes_wanted = [x for x in config.final_protocols.split(",") if x in ("linear", "semi")]
+  if probes_wanted:  # evaluates the selected checkpoint from disk, exactly as evaluate.py does
+    from mocosfl_jax import evaluate
+    results["probes"] = evaluate.evaluate(workdir, "best", tuple(probes_wanted))
   (workdir / "results.json").write_text(json.dumps(results, indent=1))
   try:
     metrics.plot_metrics(workdir)

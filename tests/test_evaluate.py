@@ -1,0 +1,30 @@
+"""evaluate.py reads a run's checkpoint alone and reports kNN and both probe recipes."""
+import json
+
+import pytest
+
+from configs import tiny
+from mocosfl_jax import evaluate, train
+
+
+def test_evaluate_cli_on_a_finished_run(tmp_path, capsys):
+  config = tiny.get_config()
+  config.final_protocols = "knn,linear"
+  results = train.train_and_evaluate(config, str(tmp_path))
+  linear = results["probes"]["linear_reference"]
+  assert 0.0 <= linear["final"] <= linear["best"] <= 100.0
+  rc = evaluate.main(["--workdir", str(tmp_path), "--checkpoint", "latest", "--protocol",
+                      "knn,linear,semi", "--recipe", "reference,clean", "--epochs", "3"])
+  assert rc == 0
+  out = json.loads((tmp_path / "eval_6.json").read_text())
+  assert out["step"] == 6 and 0.0 <= out["knn_accuracy"] <= 100.0
+  for key in ("linear_reference", "linear_clean", "semi10_reference", "semi10_clean"):
+    assert set(out[key]) >= {"final", "best", "best_epoch"}
+  capsys.readouterr()
+
+
+def test_evaluate_errors_name_the_problem(tmp_path, capsys):
+  assert evaluate.main(["--workdir", str(tmp_path)]) == 2
+  assert "no checkpoint under" in capsys.readouterr().err
+  assert evaluate.main(["--workdir", str(tmp_path), "--protocol", "knn,svm"]) == 2
+  assert "unknown protocol/recipe ['svm']" in capsys.readouterr().err
