@@ -21,6 +21,7 @@ def get_config():
   c.noniid_ratio = 0.2
   c.batch_size = 8
   c.queue_size = 1024
+  c.crop_min_scale = 0.35         # the reference's 0.08 crops 8x8 digits down to a few pixels
   c.lr = 0.06
   c.num_epochs = 40
   c.avg_freq = 1

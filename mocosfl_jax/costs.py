@@ -106,8 +106,10 @@ def cost_table(arch: str, *, bottleneck: str = "None", input_size: int = 32, hea
                cuts=None, traffic: Traffic = Traffic(), width: int = 64) -> list[dict]:
   rows = []
   for cut in cuts or range(1, num_layers(arch) + 1):
+    # conv_impl='lax': memory of plain convolutions, as a device (or ONNX) runs them; the CPU
+    # matmul form's shifted-view patches would inflate the buffers.
     net = build(SplitConfig(arch=arch, cut=cut, bottleneck=bottleneck, input_size=input_size,
-                            head=head, width=width))
+                            head=head, width=width, conv_impl="lax"))
     client_params = count_params(jax.eval_shape(net.init_client, jax.random.key(0))["params"])
     server_params = count_params(jax.eval_shape(net.init_server, jax.random.key(0))["params"])
     smashed = math.prod(net.smashed_shape)

@@ -51,16 +51,36 @@ def test_heads_key_dims(head, key_dim):
   assert bool(new["batch_stats"]) == (head == "largeV2")
 
 
-# Every cut of these; boundary and middle cuts of the deeper variants (same code path, and each
-# extra cut costs a full eager forward on the 2-core CI machine).
-EVERY_CUT = ("resnet_tiny", "resnet18", "mobilenetv2", "vgg13")
+# Numerics on every cut of these; first, middle, last and past-the-end cuts of the others (the
+# same code path; each cut costs an eager forward on the 2-core CI machine). Every cut of every
+# arch is still checked structurally in test_every_cut_splits_the_parameters_of_one_network.
+EVERY_CUT = ("resnet_tiny", "resnet18", "vgg13")
 
 
 def _cuts(arch):
   n = num_layers(arch)
   if arch in EVERY_CUT:
     return range(1, n + 2)  # one past the end too
-  return sorted({1, 2, 3, n // 2, n - 1, n, n + 1})
+  return sorted({1, n // 2, n, n + 1})
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_cut_splits_the_parameters_of_one_network(arch):
+  """For every cut, client and server trees are exactly layer0..cut-1 and the rest + head."""
+  input_size = 8 if arch == "resnet_tiny" else 32
+  base = SplitConfig(arch=arch, cut=1, input_size=input_size, head="V1")
+  x = jax.ShapeDtypeStruct((1, input_size, input_size, 3), jnp.float32)
+  full = jax.eval_shape(lambda x: full_network(base).init(jax.random.key(0), x), x)
+  n = num_layers(arch)
+  for cut in range(1, n + 2):
+    net = build(SplitConfig(arch=arch, cut=cut, input_size=input_size, head="V1"))
+    want_client, want_server = split_variables(net.config, full)
+    got_client = jax.eval_shape(net.init_client, jax.random.key(0))
+    got_server = jax.eval_shape(net.init_server, jax.random.key(0))
+    assert all(int(k[5:]) < cut for k in got_client["params"])
+    assert all(k == "head" or int(k[5:]) >= cut for k in got_server["params"])
+    chex.assert_trees_all_equal_shapes(got_client, want_client)
+    chex.assert_trees_all_equal_shapes(got_server, want_server)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -198,7 +218,7 @@ def test_stems_for_64_and_224_inputs():
   assert p["layer0"]["conv"]["kernel"].shape == (7, 7, 3, 64)
 
 
-@pytest.mark.parametrize("arch,cut", [("resnet18", 9), ("mobilenetv2", 9), ("vgg11", 5),
+@pytest.mark.parametrize("arch,cut", [("resnet18", 9), ("mobilenetv2", 6), ("vgg11", 5),
                                       ("resnet50", 3)])
 def test_matmul_convolutions_equal_xla_convolutions(arch, cut):
   """conv_impl changes speed only: same parameters, same outputs, same gradients."""

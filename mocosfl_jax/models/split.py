@@ -178,6 +178,7 @@ class ServerNet(nn.Module):
     return heads.ProjectionHead(self.cfg.head, arch.expansion, name="head")(features, train)
 
 
+@functools.lru_cache(maxsize=None)
 def _raw_smashed_shape(cfg: SplitConfig) -> tuple[int, int, int]:
   x = jax.ShapeDtypeStruct((1, cfg.input_size, cfg.input_size, 3), jnp.float32)
   module = ClientNet(cfg, with_bottleneck=False)
@@ -212,10 +213,13 @@ class SplitNet:
     self.cut_channels = _raw_smashed_shape(cfg)[-1]
     self.client_module = ClientNet(cfg)
     self.server_module = ServerNet(cfg, start=arch.cut, cut_channels=self.cut_channels)
-    x = jax.ShapeDtypeStruct((1, *self.input_shape), jnp.float32)
-    out = jax.eval_shape(lambda x: self.client_module.init_with_output(jax.random.key(0), x)[0],
-                         x)
-    self.smashed_shape = tuple(out.shape[1:])
+    if arch.bottleneck is None:
+      self.smashed_shape = _raw_smashed_shape(cfg)
+    else:
+      x = jax.ShapeDtypeStruct((1, *self.input_shape), jnp.float32)
+      out = jax.eval_shape(
+          lambda x: self.client_module.init_with_output(jax.random.key(0), x)[0], x)
+      self.smashed_shape = tuple(out.shape[1:])
 
   def __eq__(self, other):
     return isinstance(other, SplitNet) and other.config == self.config
