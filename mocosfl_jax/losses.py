@@ -56,12 +56,6 @@ def client_inputs(loss_form: str, x_q: jax.Array, x_k: jax.Array):
   return x_q, x_k
 
 
-def _with_params(variables: dict, params: PyTree) -> dict:
-  out = dict(variables)
-  out['params'] = params
-  return out
-
-
 def _embed(net, variables: dict, x: jax.Array):
   """Normalised projection and the variables with updated running stats (params unchanged)."""
   proj, new_vars = net.apply_server(variables, x, train=True)
