@@ -224,11 +224,12 @@ def test_matmul_convolutions_equal_xla_convolutions(arch, cut):
   """conv_impl changes speed only: same parameters, same outputs, same gradients."""
   x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
   outs = []
-  for impl in ("lax", "matmul"):
+  for impl in ("lax", "matmul", "winograd"):
     net = build(SplitConfig(arch=arch, cut=cut, conv_impl=impl))
     v = net.init_client(jax.random.key(0))
     outs.append(jax.jit(lambda v, x, net=net: net.apply_client(v, x)[0])(v, x))
   np.testing.assert_allclose(outs[0], outs[1], rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(outs[0], outs[2], rtol=1e-3, atol=1e-3)
   # Gradients at a shallow cut (3x3 convs, strided, depthwise, 1x1 projections) under a random
   # linear loss; deep stacks of weight-standardised layers amplify float32 rounding.
   shallow = {"resnet18": 4, "mobilenetv2": 4, "vgg11": 3, "resnet50": 2}[arch]
@@ -241,3 +242,25 @@ def test_matmul_convolutions_equal_xla_convolutions(arch, cut):
     grads.append(jax.jit(jax.grad(f))(v["params"]))
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grads[0]), jax.tree.leaves(grads[1])):
     assert float(jnp.abs(a - b).max()) <= 1e-3 * float(jnp.abs(a).max()), jax.tree_util.keystr(path)
+
+
+@pytest.mark.parametrize("arch,cut", [("resnet18", 4), ("resnet50", 2)])
+def test_winograd_network_gradients_equal_xla_in_float64(arch, cut):
+  """conv_impl='winograd' computes the same maths as XLA's conv through a whole client slice.
+
+  Compared in float64: in float32 Winograd F(4x4, 3x3) rounds ~10x more per conv than a direct
+  conv, and Weight Standardisation's backward (a difference of nearly equal terms) amplifies
+  that to ~1e-3 relative in the kernel gradients, which would hide a wrong transform.
+  """
+  nets = [build(SplitConfig(arch=arch, cut=cut, conv_impl=impl)) for impl in ("lax", "winograd")]
+  v32 = nets[0].init_client(jax.random.key(0))
+  with jax.enable_x64():
+    v = jax.tree.map(lambda a: a.astype(jnp.float64), v32)
+    x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3), jnp.float64)   # 128 tiles: Winograd
+    r = jax.random.normal(jax.random.key(2), (2, *nets[0].smashed_shape), jnp.float64)
+    grads = [jax.jit(jax.grad(lambda p, net=net: jnp.sum(
+        net.apply_client({**v, "params": p}, x)[0] * r)))(v["params"]) for net in nets]
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grads[0]),
+                            jax.tree.leaves(grads[1])):
+      assert a.dtype == jnp.float64
+      assert float(jnp.abs(a - b).max()) <= 1e-10 * float(jnp.abs(a).max()), jax.tree_util.keystr(path)

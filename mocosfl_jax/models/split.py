@@ -45,7 +45,7 @@ class SplitConfig:
     ws: Weight Standardisation in the backbone convs (the stem is always WS, as the reference).
     c_residual: keep the skip connections of client-side blocks.
     width: base width of ResNets (64 in the papers; smaller only for tests).
-    conv_impl: how convolutions compute ('auto' = shifted-view matmuls on CPU, XLA's conv
+    conv_impl: how convolutions compute ('auto' = Winograd + shifted-view matmuls on CPU, XLA's conv
       elsewhere; see layers.conv_impl). Changes speed only, never parameters.
   """
   arch: str = "resnet18"
