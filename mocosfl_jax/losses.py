@@ -8,7 +8,7 @@ target is `stop_gradient` (clients get gradient from term 1 only).
 The reference's batch-shuffle of keys (shuffle rows, run W', unshuffle) is dropped: on one device
 with GroupNorm, or BN over the whole batch, it is a mathematical no-op (§1.4, §10.9).
 """
-from typing import Any, Tuple
+from typing import Any, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -65,9 +65,14 @@ def _embed(net, variables: dict, x: jax.Array):
   return l2_normalize(proj), new
 
 
+def has_batch_stats(variables: dict) -> bool:
+  """True if the variables carry BatchNorm running stats (rows of a batch then interact)."""
+  return bool(jax.tree.leaves(variables.get('batch_stats', {})))
+
+
 def server_loss(net, loss_form: str, temperature: float, online_vars: dict, momentum_vars: dict,
-                a_q: jax.Array, a_k: jax.Array, queue: jax.Array, num_groups: int
-                ) -> Tuple[jax.Array, dict]:
+                a_q: jax.Array, a_k: jax.Array, queue: jax.Array, num_groups: int,
+                fuse_passes: Optional[bool] = None) -> Tuple[jax.Array, dict]:
   """Server contrastive loss on concatenated smashed data.
 
   Args:
@@ -79,6 +84,11 @@ def server_loss(net, loss_form: str, temperature: float, online_vars: dict, mome
     a_k: [R, ...] smashed keys from client momentum nets (stop-gradient here).
     queue: pre-step queue, [K, D] shared or [P, K', D] gathered per-client queues.
     num_groups: P (pool positions), used to group keys per client.
+    fuse_passes: 'original' form only: run W once on [A_q; A_k] and W' once on [A_k; A_q]
+      instead of four passes of R rows (one pass per net: bigger matmuls, half the per-op
+      overhead). Exact only when every server op is per-row (GroupNorm nets); with BatchNorm the
+      batch statistics would mix the two halves, so None (default) fuses iff neither W nor W'
+      has batch_stats. True with BatchNorm raises ValueError.
 
   Returns:
     (loss, aux) with aux: online_vars / momentum_vars (running stats updated in the reference's
@@ -92,27 +102,41 @@ def server_loss(net, loss_form: str, temperature: float, online_vars: dict, mome
     k, momentum_vars = _embed(net, momentum_vars, a_k)
     k = jax.lax.stop_gradient(k)
     loss, acc, pos = info_nce(q, k, queue, temperature)
-    keys = k
-    client_keys = k.reshape(num_groups, -1, k.shape[-1])
-  elif loss_form == 'original':
-    # Term 1: l(Aq, Ak). Call order W(Aq), W'(Ak), W(Ak), W'(Aq) as the reference (BN stats).
+    aux = dict(online_vars=online_vars, momentum_vars=momentum_vars, keys=k,
+               client_keys=k.reshape(num_groups, -1, k.shape[-1]), acc=acc, pos=pos)
+    return loss, aux
+  if loss_form != 'original':
+    raise ValueError(f"loss_form={loss_form!r}; valid: ('original', 'two_view', 'single').")
+
+  bn = has_batch_stats(online_vars) or has_batch_stats(momentum_vars)
+  if fuse_passes and bn:
+    raise ValueError('fuse_passes=True needs a server without BatchNorm (batch_stats found): '
+                     'a fused pass would mix the two halves in the batch statistics.')
+  if (not bn) if fuse_passes is None else fuse_passes:
+    # Same maths as the four calls below when rows are independent: online W on [A_q; A_k]
+    # (clients get gradient only through the A_q rows), target W' on [A_k; A_q].
+    r = a_q.shape[0]
+    q, online_vars = _embed(net, online_vars, jnp.concatenate([a_q, a_k], axis=0))
+    k, momentum_vars = _embed(net, momentum_vars,
+                              jnp.concatenate([a_k, jax.lax.stop_gradient(a_q)], axis=0))
+    q1, q2 = q[:r], q[r:]
+    k2, k1 = jax.lax.stop_gradient(k[:r]), jax.lax.stop_gradient(k[r:])
+  else:
+    # Call order W(Aq), W'(Ak), W(Ak), W'(Aq) as the reference (BN running stats).
     q1, online_vars = _embed(net, online_vars, a_q)
     k2, momentum_vars = _embed(net, momentum_vars, a_k)
-    k2 = jax.lax.stop_gradient(k2)
-    loss1, _, pos1 = info_nce(q1, k2, queue, temperature)
-    # Term 2: l(Ak, Aq): server online on client-*target* features; Aq enters W' without grad.
     q2, online_vars = _embed(net, online_vars, a_k)
     k1, momentum_vars = _embed(net, momentum_vars, jax.lax.stop_gradient(a_q))
-    k1 = jax.lax.stop_gradient(k1)
-    loss2, acc, pos2 = info_nce(q2, k1, queue, temperature)
-    loss = loss1 + loss2                        # a sum, not a mean (§10.3)
-    pos = 0.5 * (pos1 + pos2)
-    keys = jnp.concatenate([k1, k2], axis=0)    # k1 block first
-    d = k1.shape[-1]
-    client_keys = jnp.concatenate([k1.reshape(num_groups, -1, d), k2.reshape(num_groups, -1, d)],
-                                  axis=1)
-  else:
-    raise ValueError(f"loss_form={loss_form!r}; valid: ('original', 'two_view', 'single').")
-  aux = dict(online_vars=online_vars, momentum_vars=momentum_vars, keys=keys,
-             client_keys=client_keys, acc=acc, pos=pos)
+    k1, k2 = jax.lax.stop_gradient(k1), jax.lax.stop_gradient(k2)
+  # Term 1: l(Aq, Ak). Term 2: l(Ak, Aq): server online on client-*target* features; Aq enters
+  # W' without grad.
+  loss1, _, pos1 = info_nce(q1, k2, queue, temperature)
+  loss2, acc, pos2 = info_nce(q2, k1, queue, temperature)
+  loss = loss1 + loss2                        # a sum, not a mean (§10.3)
+  d = k1.shape[-1]
+  aux = dict(online_vars=online_vars, momentum_vars=momentum_vars,
+             keys=jnp.concatenate([k1, k2], axis=0),            # k1 block first
+             client_keys=jnp.concatenate([k1.reshape(num_groups, -1, d),
+                                          k2.reshape(num_groups, -1, d)], axis=1),
+             acc=acc, pos=0.5 * (pos1 + pos2))
   return loss, aux

@@ -124,3 +124,31 @@ def test_bad_form_raises():
   online, target, a_q, a_k, queue = _setup()
   with pytest.raises(ValueError, match='loss_form'):
     losses.server_loss(_LinearNet, 'sym', 0.1, online, target, a_q, a_k, queue, 2)
+
+
+def test_fused_server_passes_equal_four_passes_and_refuse_batchnorm():
+  from core_testlib import tiny_net  # pylint: disable=g-import-not-at-top
+  net = tiny_net(head='V2')                           # GroupNorm only: rows are independent
+  ks = jax.random.split(jax.random.key(4), 4)
+  online = net.init_server(ks[0])
+  target = jax.tree.map(lambda x: x * 0.9, online)
+  a_q = jax.random.normal(ks[1], (4,) + net.smashed_shape)
+  a_k = jax.random.normal(ks[2], (4,) + net.smashed_shape)
+  queue = l2_normalize(jax.random.normal(ks[3], (16, net.key_dim)))
+
+  def run(fuse):
+    def f(aq, w):
+      return losses.server_loss(net, 'original', 0.1, dict(online, params=w), target, aq, a_k,
+                                queue, 2, fuse_passes=fuse)
+    (loss, aux), grads = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(a_q,
+                                                                             online['params'])
+    return loss, aux['keys'], aux['client_keys'], aux['acc'], grads
+
+  fused, four = jax.jit(lambda: run(True))(), jax.jit(lambda: run(False))()
+  chex.assert_trees_all_close(fused, four, rtol=1e-5, atol=1e-6)
+  bn_net = tiny_net(head='largeV2')                   # server BatchNorm: must not fuse
+  bn_vars = bn_net.init_server(ks[0])
+  a = jnp.zeros((4,) + bn_net.smashed_shape)
+  with pytest.raises(ValueError, match='fuse_passes'):
+    losses.server_loss(bn_net, 'original', 0.1, bn_vars, bn_vars, a, a, queue[:, :0], 2,
+                       fuse_passes=True)
