@@ -53,6 +53,10 @@ def get_config():
   c.client_schedule = "per_participation"   # the reference's quirk (default) | per_epoch
   c.num_epochs = 200
   c.feature_sharing = True
+  # Parallelism (parallel.py; speed and memory only, never the numbers).
+  c.client_parallel = "vmap"      # vmap (one device) | shard_map (pool over every device)
+  c.client_chunk = 0              # 0: all clients at once; k: lax.map over chunks of k clients
+  c.distributed = False           # jax.distributed.initialize (also $MOCOSFL_DISTRIBUTED=1)
   # Run.
   c.seed = 1234
   c.num_steps = -1

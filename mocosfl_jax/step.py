@@ -1,4 +1,7 @@
-"""One simulated MocoSFL / MonAcoSFL training step with vmapped clients (spec §1.3, §2, §11.2, §12).
+"""One simulated MocoSFL / MonAcoSFL training step, clients vmapped (spec §1.3, §2, §11.2, §12).
+
+How client work maps onto devices (vmap, lax.map chunks, shard_map) is `par`
+(parallel.ClientParallel, a static argument); every mapping gives the same numbers.
 
 Order (status "A" of the reference): gather the pool -> vmapped client online forward on view q
 -> client EMA of the pool's momentum nets (params only, tau) -> vmapped momentum forward on view k
@@ -23,6 +26,7 @@ from jax import lax
 
 from mocosfl_jax import losses
 from mocosfl_jax import optim
+from mocosfl_jax import parallel
 from mocosfl_jax import queue as queue_lib
 from mocosfl_jax import schedules
 from mocosfl_jax import sync as sync_lib
@@ -54,8 +58,11 @@ def gather(tree: PyTree, pool: jax.Array) -> PyTree:
 
 
 def scatter(full: PyTree, part: PyTree, pool: jax.Array) -> PyTree:
-  """Writes `part` (leading axis P) into rows `pool` of `full`; other rows are untouched."""
-  return jax.tree.map(lambda f, p: f.at[pool].set(p.astype(f.dtype)), full, part)
+  """Writes `part` (leading axis P) into rows `pool` of `full`; other rows are untouched.
+
+  Out-of-range ids (masked padding clients, id N) are dropped.
+  """
+  return jax.tree.map(lambda f, p: f.at[pool].set(p.astype(f.dtype), mode='drop'), full, part)
 
 
 def _flat(x: jax.Array) -> jax.Array:
@@ -111,21 +118,27 @@ def clients_finish(clients: ClientState, pool: jax.Array, online_pool: PyTree,
       online=scatter(clients.online, online_pool, pool),
       momentum=scatter(clients.momentum, momentum_pool, pool),
       opt_state=scatter(clients.opt_state, opt_pool, pool),
-      count=clients.count.at[pool].add(1),
-      draws=clients.draws.at[pool].add(1))
+      count=clients.count.at[pool].add(1, mode='drop'),
+      draws=clients.draws.at[pool].add(1, mode='drop'))
 
 
 def apply_sync(cfg: StepConfig, clients: ClientState, online_pool: PyTree, momentum_pool: PyTree,
-               sync) -> Tuple[ClientState, dict]:
+               sync, par: Optional[parallel.ClientParallel] = None,
+               mask: Optional[jax.Array] = None) -> Tuple[ClientState, dict]:
   """FedAvg at sync steps, written to all N clients (MonAcoSFL: momentum nets too).
 
   Divergence metrics are the pool means measured before averaging; they are 0 on non-sync
-  steps (check metrics['synced']).
+  steps (check metrics['synced']). With `par` (shard_map) or a padding `mask` the average is a
+  mask-weighted psum over the client axis (sync.fedavg_masked).
   """
   n = cfg.num_clients
 
   def do_sync(cl):
-    avg_on, avg_mom, m = sync_lib.fedavg_pool(online_pool, momentum_pool, cfg.momentum_sync)
+    if par is None or (par.mode == 'vmap' and mask is None):
+      avg_on, avg_mom, m = sync_lib.fedavg_pool(online_pool, momentum_pool, cfg.momentum_sync)
+    else:
+      avg_on, avg_mom, m = sync_lib.fedavg_masked(par, online_pool, momentum_pool, mask,
+                                                  cfg.momentum_sync)
     cl = cl.replace(online=sync_lib.broadcast_clients(avg_on, n))
     if cfg.momentum_sync:
       cl = cl.replace(momentum=sync_lib.broadcast_clients(avg_mom, n))
@@ -157,7 +170,8 @@ def step_metrics(loss, aux, s_lr, c_lrs, sync, divs) -> dict:
 
 def train_step_fn(net, cfg: StepConfig, clients: ClientState, server: ServerState,
                   pool: jax.Array, views_q: jax.Array, views_k: jax.Array, epoch, batch_idx,
-                  sync: Optional[jax.Array] = None):
+                  sync: Optional[jax.Array] = None,
+                  par: Optional[parallel.ClientParallel] = None):
   """One simulated step (un-jitted; use `train_step`).
 
   Args:
@@ -169,6 +183,7 @@ def train_step_fn(net, cfg: StepConfig, clients: ClientState, server: ServerStat
     epoch: int32 scalar, 0-based epoch (server scheduler steps so far; client LR when per_epoch).
     batch_idx: int32 scalar, 0-based step within the epoch (sync rule).
     sync: optional bool scalar overriding the reference sync rule.
+    par: how client work is mapped (parallel.ClientParallel, static); None = vmap, all at once.
 
   Returns:
     (clients, server, metrics) with metrics: loss, contrastive_acc (%), pos_logit_mean,
@@ -176,29 +191,33 @@ def train_step_fn(net, cfg: StepConfig, clients: ClientState, server: ServerStat
     div_online_momentum, div_momentum_global.
   """
   check_inputs(cfg, pool, views_q, views_k)
+  par = parallel.ClientParallel() if par is None else par
   tx = optim.make_sgd(cfg.momentum, cfg.weight_decay)
   pool = jnp.asarray(pool, jnp.int32)
   epoch = jnp.asarray(epoch, jnp.int32)
   p = cfg.pool_size
+  p_pad = par.padded(p)          # shard_map: masked padding clients up to a multiple of devices
+  ids, mask = parallel.pad_pool(pool, cfg.num_clients, p_pad)
+  views_q, views_k = parallel.pad_rows(views_q, p_pad), parallel.pad_rows(views_k, p_pad)
 
-  on_pool = gather(clients.online, pool)
-  mom_pool = gather(clients.momentum, pool)
-  opt_pool = gather(clients.opt_state, pool)
+  on_pool = gather(clients.online, ids)
+  mom_pool = gather(clients.momentum, ids)
+  opt_pool = gather(clients.opt_state, ids)
   x_q, x_k = jax.vmap(functools.partial(losses.client_inputs, cfg.loss_form))(views_q, views_k)
+  apply = functools.partial(client_apply, net)
 
   # Client EMA (params only) right after the online forward, then the momentum forward on it.
   mom_pool = optim.ema(mom_pool, on_pool, cfg.tau)
-  a_k, mom_pool = jax.vmap(functools.partial(client_apply, net))(mom_pool, x_k)
+  a_k, mom_pool = parallel.map_clients(par, apply, mom_pool, x_k)
   a_k = lax.stop_gradient(a_k)
 
   s_momentum, queue_in = server_prepare(cfg, server, pool)
 
   def loss_fn(c_params, s_params):
-    a_q, new_on = jax.vmap(functools.partial(client_apply, net))(with_params(on_pool, c_params),
-                                                                 x_q)
+    a_q, new_on = parallel.map_clients(par, apply, with_params(on_pool, c_params), x_q)
     loss, aux = losses.server_loss(net, cfg.loss_form, cfg.temperature,
                                    with_params(server.online, s_params), s_momentum,
-                                   _flat(a_q), _flat(a_k), queue_in, p)
+                                   _flat(a_q[:p]), _flat(a_k[:p]), queue_in, p)
     return loss, (new_on, aux)
 
   (loss, (new_on, aux)), (g_c, g_s) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
@@ -207,22 +226,25 @@ def train_step_fn(net, cfg: StepConfig, clients: ClientState, server: ServerStat
   server, s_lr = server_finish(cfg, server, aux, g_s, epoch, pool)
   c_lrs = client_lrs(cfg, clients, pool, epoch)
   new_params, opt_pool = jax.vmap(lambda q, s, g, lr: optim.sgd_update(tx, q, s, g, lr))(
-      on_pool['params'], opt_pool, g_c, c_lrs)
+      on_pool['params'], opt_pool, g_c, parallel.pad_rows(c_lrs, p_pad))
   on_pool = with_params(new_on, new_params)
-  clients = clients_finish(clients, pool, on_pool, mom_pool, opt_pool)
+  clients = clients_finish(clients, ids, on_pool, mom_pool, opt_pool)
 
   sync = resolve_sync(cfg, batch_idx, sync)
-  clients, divs = apply_sync(cfg, clients, on_pool, mom_pool, sync)
+  clients, divs = apply_sync(cfg, clients, on_pool, mom_pool, sync, par,
+                             None if p_pad == p else mask)
   return clients, server, step_metrics(loss, aux, s_lr, c_lrs, sync, divs)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(2, 3))
+@functools.partial(jax.jit, static_argnums=(0, 1), static_argnames=('par',),
+                   donate_argnums=(2, 3))
 def train_step(net, cfg: StepConfig, clients: ClientState, server: ServerState, pool: jax.Array,
                views_q: jax.Array, views_k: jax.Array, epoch, batch_idx,
-               sync: Optional[jax.Array] = None):
-  """Jitted `train_step_fn` (same arguments); `net`, `cfg` static; client and server state donated.
+               sync: Optional[jax.Array] = None, par: Optional[parallel.ClientParallel] = None):
+  """Jitted `train_step_fn` (same arguments); `net`, `cfg`, `par` static; state donated.
 
   Pass epoch / batch_idx as int32 arrays (e.g. jnp.int32(e)) and keep `sync` either always None
   or always an array, so every step reuses one compiled executable.
   """
-  return train_step_fn(net, cfg, clients, server, pool, views_q, views_k, epoch, batch_idx, sync)
+  return train_step_fn(net, cfg, clients, server, pool, views_q, views_k, epoch, batch_idx, sync,
+                       par)

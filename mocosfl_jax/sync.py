@@ -75,3 +75,68 @@ def fedavg_pool(online_pool: PyTree, momentum_pool: PyTree, sync_momentum: bool)
 def broadcast_clients(tree: PyTree, num_clients: int) -> PyTree:
   """Copies one client's tree to all N clients (leading axis N)."""
   return jax.tree.map(lambda x: jnp.broadcast_to(x[None], (num_clients,) + x.shape), tree)
+
+
+def _is_float(x) -> bool:
+  return jnp.issubdtype(x.dtype, jnp.floating)
+
+
+def _wsum(tree: PyTree, mask: jax.Array) -> PyTree:
+  """Mask-weighted sum over the leading (local client) axis of every floating leaf."""
+  def f(x):
+    if not _is_float(x):
+      return jnp.zeros((), jnp.float32)
+    return jnp.tensordot(mask.astype(x.dtype), x, axes=1)
+  return jax.tree.map(f, tree)
+
+
+def fedavg_masked(par, online_pool: PyTree, momentum_pool: PyTree, mask: jax.Array,
+                  sync_momentum: bool):
+  """FedAvg over the real (mask 1) clients of a possibly padded, possibly sharded pool.
+
+  `par` is a parallel.ClientParallel: under 'shard_map' every device sums its local clients and
+  the sums are psum'ed over the 'clients' axis (the pmean of `fedavg_client`, weighted by the
+  mask so padding clients count for nothing). Same results as `fedavg_pool` up to float
+  summation order. Integer leaves are taken from pool position 0.
+
+  Returns:
+    (mean online vars, mean momentum vars or None, metrics) without the pool axis.
+  """
+  from mocosfl_jax import parallel  # pylint: disable=g-import-not-at-top
+
+  def sums(on, mom, m):
+    return dict(n=jnp.sum(m), on=_wsum(on, m), mom=_wsum(mom, m))
+
+  s = parallel.reduce_clients(par, sums, online_pool, momentum_pool, mask)
+  n = s['n']
+
+  def mean(tot, full):
+    return jax.tree.map(lambda t, x: (t / n).astype(x.dtype) if _is_float(x) else x[0],
+                        tot, full)
+
+  avg_on, avg_mom = mean(s['on'], online_pool), mean(s['mom'], momentum_pool)
+  p_avg_on, p_avg_mom = avg_on.get('params', avg_on), avg_mom.get('params', avg_mom)
+
+  def divs(on, mom, m):
+    p_on, p_mom = on.get('params', on), mom.get('params', mom)
+    size = sum(x[0].size for x in jax.tree.leaves(p_on))
+
+    def sq(a, b):
+      per = sum(jnp.sum(jnp.square(x - y[None]).reshape(x.shape[0], -1), axis=1)
+                for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+      return jnp.sum(m * per) / size
+
+    def sq2(a, b):
+      per = sum(jnp.sum(jnp.square(x - y).reshape(x.shape[0], -1), axis=1)
+                for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+      return jnp.sum(m * per) / size
+
+    return dict(zip(DIVERGENCE_KEYS, (sq(p_on, p_avg_on), sq2(p_on, p_mom),
+                                      sq(p_mom, p_avg_mom))))
+
+  if jax.tree.leaves(p_avg_on):
+    metrics = {k: v / n for k, v in
+               parallel.reduce_clients(par, divs, online_pool, momentum_pool, mask).items()}
+  else:
+    metrics = {k: jnp.zeros((), jnp.float32) for k in DIVERGENCE_KEYS}
+  return avg_on, (avg_mom if sync_momentum else None), metrics

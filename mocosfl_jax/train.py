@@ -19,14 +19,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mocosfl_jax import checkpoints, knn, metrics, plan, state as state_lib, step as step_lib
+from mocosfl_jax import checkpoints, knn, metrics, parallel, plan
+from mocosfl_jax import state as state_lib, step as step_lib
 from mocosfl_jax.data import augment, partition as partition_lib, sampler, sources
 from mocosfl_jax.models import SplitConfig, build, num_layers
 
 # Fields that may change when a run is resumed (they do not change the trajectory).
 RESUMABLE_CHANGES = {"log_every_steps", "eval_every_steps", "checkpoint_every_steps",
                      "keep_checkpoints", "final_protocols", "eval_batch_size", "num_steps",
-                     "data_dir"}
+                     "data_dir", "client_parallel", "client_chunk", "distributed"}
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -139,16 +140,16 @@ def resolve(c: ml_collections.ConfigDict) -> Plan:
 
 # ---- jitted functions -----------------------------------------------------------------------
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(3, 4))
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 12), donate_argnums=(3, 4))
 def simulated_step(net, cfg: plan.StepConfig, aug: AugSpec, clients, server, images, table,
-                   data_key, aug_key, pool, epoch, batch_idx):
+                   data_key, aug_key, pool, epoch, batch_idx, par=None):
   """Batch indices -> gather -> two views -> the training step, in one compiled call."""
   idx = sampler.batch_indices(table, pool, clients.draws[pool], cfg.batch_size, data_key)
   views_q, views_k = augment.two_views(jax.random.fold_in(aug_key, server.step), images[idx],
                                        jnp.asarray(aug.mean), jnp.asarray(aug.std), aug.pipeline,
                                        crop_scale=aug.crop_scale)
   return step_lib.train_step_fn(net, cfg, clients, server, pool, views_q, views_k, epoch,
-                                batch_idx)
+                                batch_idx, par=par)
 
 
 def _normalise(images, mean, std):
@@ -207,6 +208,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (resuming from the latest checkpoint in `workdir` if any) and returns the results."""
   workdir = Path(workdir).expanduser().absolute()
   workdir.mkdir(parents=True, exist_ok=True)
+  parallel.maybe_initialize_distributed(config.get("distributed", None) or None)  # before JAX
   p = resolve(config)
   net = build(p.model)
   cfg = p.step
@@ -278,6 +280,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def _train_loop(config, p, net, cfg, ckpt, writer, clients, server, start, images, table, *,
                 keys, evaluate_and_save, save, embed):
   data_key, aug_key, pool_key = keys
+  par = parallel.from_config(config.get("client_parallel", "vmap"), config.get("client_chunk", 0))
+  if par.mode == "shard_map":  # clients on their leading axis over the mesh, server replicated
+    clients = parallel.shard_clients(clients, par.mesh)
+    server = parallel.replicate(server, par.mesh)
   ckpt_dir = ckpt.directory
   progress = metrics.Progress(p.num_steps, every=config.log_every_steps)
   logging.info("Initial compilation, this might take a few minutes...")
@@ -288,7 +294,8 @@ def _train_loop(config, p, net, cfg, ckpt, writer, clients, server, start, image
     if pool is None or b == 0:
       pool = plan.sample_pool(pool_key, epoch, cfg.num_clients, cfg.pool_size)
     clients, server, m = simulated_step(net, cfg, p.aug, clients, server, images, table,
-                                        data_key, aug_key, pool, jnp.int32(epoch), jnp.int32(b))
+                                        data_key, aug_key, pool, jnp.int32(epoch), jnp.int32(b),
+                                        par)
     loss = float(m["loss"])
     done = s + 1
     if not math.isfinite(loss):

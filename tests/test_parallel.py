@@ -1,0 +1,147 @@
+"""Tests for mocosfl_jax.parallel: shard_map over 4 forced CPU devices (conftest) and lax.map
+chunks give the same state as the vmapped step, padding clients stay invisible, masked FedAvg."""
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from core_testlib import fast_compile  # noqa: F401  pylint: disable=unused-import
+from core_testlib import assert_states_close, case, copy_tree, pool_for, views
+from mocosfl_jax import parallel, state, step, sync
+
+pytestmark = pytest.mark.usefixtures('fast_compile')
+SCHEDULE = ((0, 0), (0, 1), (1, 0))      # b=1 is a sync step (S=4, avg 2)
+
+
+def _run(net, cfg, cs, ss, par):
+  ms = []
+  for i, (e, b) in enumerate(SCHEDULE):
+    vq, vk = views(cfg, net, i)
+    cs, ss, m = step.train_step(net, cfg, cs, ss, pool_for(cfg, e), vq, vk, jnp.int32(e),
+                                jnp.int32(b), par=par)
+    ms.append(m)
+  return cs, ss, ms
+
+
+@pytest.fixture(scope='module')
+def mesh():
+  assert jax.device_count() >= 4, 'conftest forces 4 CPU devices'
+  return parallel.client_mesh(jax.devices()[:4])
+
+
+# moco_original_full: P=3 on 4 devices (one masked padding client, server BatchNorm);
+# monaco_two_view_sampled: P=2 of N=4 (two padding clients, momentum sync, sampling).
+@pytest.mark.parametrize('name,chunk', [('moco_original_full', 0), ('monaco_two_view_sampled', 0),
+                                        ('monaco_two_view_sampled', 1)])
+def test_shard_map_equals_vmap(mesh, name, chunk):
+  net, cfg = case(name)
+  cs, ss = state.init_state(net, cfg, jax.random.key(0))
+  ref = _run(net, cfg, copy_tree(cs), copy_tree(ss), None)
+  par = parallel.ClientParallel('shard_map', chunk=chunk, mesh=mesh)
+  assert par.padded(cfg.pool_size) == 4
+  got = _run(net, cfg, parallel.shard_clients(copy_tree(cs), mesh),
+             parallel.replicate(copy_tree(ss), mesh), par)
+  assert_states_close(got[:2], ref[:2])
+  np.testing.assert_array_equal(got[0].count, ref[0].count)   # padding clients never counted
+  for g, r in zip(got[2], ref[2]):
+    for k in ('loss', 'div_online_global', 'div_online_momentum', 'div_momentum_global'):
+      np.testing.assert_allclose(g[k], r[k], rtol=1e-5, atol=1e-7, err_msg=k)
+  assert [float(m['synced']) for m in got[2]] == [0.0, 1.0, 0.0]
+
+
+def test_client_chunks_equal_vmap():
+  net, cfg = case('moco_original_full')       # P=3, chunk 2: one full chunk and a remainder
+  cs, ss = state.init_state(net, cfg, jax.random.key(1))
+  ref = _run(net, cfg, copy_tree(cs), copy_tree(ss), None)
+  got = _run(net, cfg, copy_tree(cs), copy_tree(ss), parallel.ClientParallel('vmap', chunk=2))
+  assert_states_close(got[:2], ref[:2])
+
+
+def test_fedavg_masked_ignores_padding_and_matches_pool_mean():
+  k1, k2 = jax.random.split(jax.random.key(2))
+  on = {'params': {'w': jax.random.normal(k1, (5, 3, 2))}, 'batch_stats': {}}
+  mom = {'params': {'w': jax.random.normal(k2, (5, 3, 2))}, 'batch_stats': {}}
+  mask = jnp.array([1., 1., 1., 0., 0.])
+  garbage = jax.tree.map(lambda x: x.at[3:].set(1e6), on)
+  got_on, got_mom, got_m = sync.fedavg_masked(parallel.ClientParallel(), garbage, mom, mask, True)
+  head = lambda t: jax.tree.map(lambda x: x[:3], t)
+  ref_on, ref_mom, ref_m = sync.fedavg_pool(head(on), head(mom), True)
+  chex.assert_trees_all_close(got_on, ref_on, rtol=1e-6)
+  chex.assert_trees_all_close(got_mom, ref_mom, rtol=1e-6)
+  for k in sync.DIVERGENCE_KEYS:
+    np.testing.assert_allclose(got_m[k], ref_m[k], rtol=1e-5)
+
+
+def test_pad_pool_ids_are_dropped_on_scatter():
+  ids, mask = parallel.pad_pool(jnp.array([2, 0], jnp.int32), num_clients=3, padded=4)
+  np.testing.assert_array_equal(ids, [2, 0, 3, 3])
+  np.testing.assert_array_equal(mask, [1, 1, 0, 0])
+  full = jnp.zeros((3, 2))
+  out = step.scatter(full, jnp.ones((4, 2)), ids)
+  np.testing.assert_array_equal(out, [[1, 1], [0, 0], [1, 1]])
+
+
+def test_bad_settings_raise():
+  with pytest.raises(ValueError, match='client_parallel'):
+    parallel.ClientParallel('pmap')
+  with pytest.raises(ValueError, match='client_chunk'):
+    parallel.ClientParallel('vmap', chunk=-1)
+  with pytest.raises(ValueError, match='client_parallel'):
+    parallel.from_config('threads', 0)
+
+
+def test_distributed_init_only_when_asked(monkeypatch):
+  monkeypatch.delenv(parallel.DISTRIBUTED_ENV, raising=False)
+  assert parallel.maybe_initialize_distributed() is False
+  assert parallel.maybe_initialize_distributed(False) is False
+
+
+_WORKER = r'''
+import os, sys
+pid = int(sys.argv[1])
+os.environ.update(XLA_FLAGS='--xla_force_host_platform_device_count=2', JAX_PLATFORMS='cpu',
+                  MOCOSFL_DISTRIBUTED='1', JAX_COORDINATOR_ADDRESS=sys.argv[2],
+                  JAX_NUM_PROCESSES='2', JAX_PROCESS_ID=str(pid))
+import jax
+jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+from mocosfl_jax import parallel
+assert parallel.maybe_initialize_distributed()
+import jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+mesh = parallel.client_mesh()
+assert jax.device_count() == 4 and jax.local_device_count() == 2
+par = parallel.ClientParallel('shard_map', mesh=mesh)
+sh = NamedSharding(mesh, P('clients'))
+# each process holds only its own 2 clients' rows; the last client of process 1 is padding
+x = jax.make_array_from_process_local_data(sh, np.full((2, 3), 1.0 + pid, np.float32))
+m = jax.make_array_from_process_local_data(sh, np.array([1, 1 - pid], np.float32))
+f = lambda a, w: (jnp.sum(a * w[:, None], 0), jnp.sum(w))
+tot, n = jax.jit(lambda a, w: parallel.reduce_clients(par, f, a, w))(x, m)
+print('RESULT', float(np.asarray(tot)[0]), float(n), flush=True)
+jax.distributed.shutdown()
+'''
+
+
+def test_two_processes_on_loopback(tmp_path):
+  """Two JAX processes x 2 CPU devices: a masked psum over the global 'clients' axis."""
+  import socket, subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  script = tmp_path / 'worker.py'
+  script.write_text(_WORKER)
+  env = {k: v for k, v in __import__('os').environ.items() if not k.startswith(('XLA_', 'JAX_'))}
+  root = str(__import__('pathlib').Path(__file__).resolve().parent.parent)
+  env['PYTHONPATH'] = root
+  procs = [subprocess.Popen([sys.executable, str(script), str(i), f'127.0.0.1:{port}'], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  outs = [p.communicate(timeout=240)[0] for p in procs]
+  if any('gloo' in o and ('not' in o.lower() and 'support' in o.lower()) for o in outs):
+    pytest.skip('this jaxlib has no CPU collectives: ' + outs[0][-300:])
+  for p, o in zip(procs, outs):
+    assert p.returncode == 0, o[-2000:]
+    line = [l for l in o.splitlines() if l.startswith('RESULT')][-1].split()
+    # process 0: 2 clients x 1.0 ; process 1: 1 real client x 2.0  -> 4.0 over 3 clients
+    assert float(line[1]) == 4.0 and float(line[2]) == 3.0
