@@ -57,6 +57,7 @@ def get_config():
   c.client_parallel = "vmap"      # vmap (one device) | shard_map (pool over every device)
   c.client_chunk = 0              # 0: all clients at once; k: lax.map over chunks of k clients
   c.distributed = False           # jax.distributed.initialize (also $MOCOSFL_DISTRIBUTED=1)
+  c.conv_impl = "auto"            # auto (winograd on CPU, XLA's conv elsewhere) | winograd | matmul | lax
   # Run.
   c.seed = 1234
   c.num_steps = -1

@@ -129,6 +129,14 @@ class MetricsWriter:
     if not self._f.closed:
       self._f.close()
 
+  @classmethod
+  def null(cls) -> "MetricsWriter":
+    """A writer that records nothing (non-primary processes of a multi-host run)."""
+    w = cls.__new__(cls)
+    w.run_dir, w.dropped = None, 0
+    w._f = open(os.devnull, "w")  # pylint: disable=consider-using-with
+    return w
+
   def __enter__(self):
     return self
 

@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -131,6 +132,16 @@ def reduce_clients(par: ClientParallel, fn: Callable, *args):
                        check_vma=False)(*args)
 
 
+def _place(x, sharding):
+  """x (same value in every process) as a global array with `sharding`.
+
+  Built shard by shard from a host copy, so it also works when the mesh spans processes
+  (device_put of a process-local array cannot target other hosts' devices).
+  """
+  host = np.asarray(x)
+  return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+
 def shard_clients(tree: PyTree, mesh: Mesh) -> PyTree:
   """Places a stacked per-client tree with its leading axis over 'clients' (replicated if the
   leading size does not divide by the device count: then every device holds all clients)."""
@@ -138,14 +149,14 @@ def shard_clients(tree: PyTree, mesh: Mesh) -> PyTree:
 
   def put(x):
     spec = P(AXIS) if x.ndim and x.shape[0] % n == 0 else P()
-    return jax.device_put(x, NamedSharding(mesh, spec))
+    return _place(x, NamedSharding(mesh, spec))
 
   return jax.tree.map(put, tree)
 
 
 def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
   """Places a tree replicated on every device of `mesh` (the server state)."""
-  return jax.device_put(tree, NamedSharding(mesh, P()))
+  return jax.tree.map(lambda x: _place(x, NamedSharding(mesh, P())), tree)
 
 
 DISTRIBUTED_ENV = 'MOCOSFL_DISTRIBUTED'
@@ -162,6 +173,8 @@ def maybe_initialize_distributed(enabled: Optional[bool] = None, **kwargs) -> bo
     enabled = os.environ.get(DISTRIBUTED_ENV, '0').lower() in ('1', 'true', 'yes')
   if not enabled:
     return False
+  if jax.distributed.is_initialized():   # e.g. main.py already did, before touching devices
+    return True
   env = {'coordinator_address': 'JAX_COORDINATOR_ADDRESS', 'num_processes': 'JAX_NUM_PROCESSES',
          'process_id': 'JAX_PROCESS_ID'}
   for k, var in env.items():

@@ -137,7 +137,9 @@ def apply_sync(cfg: StepConfig, clients: ClientState, online_pool: PyTree, momen
     if par is None or (par.mode == 'vmap' and mask is None):
       avg_on, avg_mom, m = sync_lib.fedavg_pool(online_pool, momentum_pool, cfg.momentum_sync)
     else:
-      avg_on, avg_mom, m = sync_lib.fedavg_masked(par, online_pool, momentum_pool, mask,
+      rows = jax.tree.leaves(online_pool)[0].shape[0]
+      m_ = jnp.ones((rows,), jnp.float32) if mask is None else mask   # unpadded shard_map pool
+      avg_on, avg_mom, m = sync_lib.fedavg_masked(par, online_pool, momentum_pool, m_,
                                                   cfg.momentum_sync)
     cl = cl.replace(online=sync_lib.broadcast_clients(avg_on, n))
     if cfg.momentum_sync:

@@ -27,7 +27,7 @@ from mocosfl_jax.models import SplitConfig, build, num_layers
 # Fields that may change when a run is resumed (they do not change the trajectory).
 RESUMABLE_CHANGES = {"log_every_steps", "eval_every_steps", "checkpoint_every_steps",
                      "keep_checkpoints", "final_protocols", "eval_batch_size", "num_steps",
-                     "data_dir", "client_parallel", "client_chunk", "distributed"}
+                     "data_dir", "client_parallel", "client_chunk", "distributed", "conv_impl"}
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -78,6 +78,13 @@ def check_config(c: ml_collections.ConfigDict) -> None:
         "valid: mocov2, mocov1, none")
   _need(0.0 < c.crop_min_scale <= 1.0, "crop_min_scale", c.crop_min_scale, "must be in (0, 1]")
   _need(c.flavour in plan.FLAVOURS, "flavour", c.flavour, f"valid: {plan.FLAVOURS}")
+  from mocosfl_jax.models.layers import CONV_IMPLS
+  conv = c.get("conv_impl", "auto")
+  _need(conv in CONV_IMPLS, "conv_impl", conv, f"unknown; valid: {list(CONV_IMPLS)}")
+  mode, chunk = c.get("client_parallel", "vmap"), c.get("client_chunk", 0)
+  _need(mode in parallel.MODES, "client_parallel", mode, f"valid: {list(parallel.MODES)}")
+  _need(isinstance(chunk, int) and chunk >= 0, "client_chunk", chunk,
+        "must be an int >= 0 (0 = all clients at once)")
   for p in filter(None, c.final_protocols.split(",")):
     _need(p in ("knn", "linear", "semi"), "final_protocols", c.final_protocols,
           "comma list of knn, linear, semi")
@@ -119,7 +126,7 @@ def resolve(c: ml_collections.ConfigDict) -> Plan:
 
   model = SplitConfig(arch=c.arch, cut=c.cut, input_size=train.input_size,
                       bottleneck=c.bottleneck, head=c.head, ws=c.ws, c_residual=c.c_residual,
-                      width=c.width)
+                      width=c.width, conv_impl=c.get("conv_impl", "auto"))
   try:
     step_cfg = plan.StepConfig(
         num_clients=c.num_clients, batch_size=batch_size, queue_size=queue_size,
@@ -215,15 +222,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   config_dict = config.to_dict()
   logging.info("plan: model %s | %s | %d steps, eval every %d", p.model, cfg, p.num_steps,
                p.eval_every)
-  (workdir / "config.json").write_text(json.dumps(
-      {"config": config_dict, "model": p.model.to_dict(), "step": dataclasses.asdict(cfg),
-       "num_steps": p.num_steps}, indent=1))
-  partition_lib.write_partition_summary(
-      partition_lib.partition_summary(p.parts, p.train.labels, p.train.num_classes), workdir)
+  primary = jax.process_index() == 0      # multi-host: one process writes the run files
+  if primary:
+    (workdir / "config.json").write_text(json.dumps(
+        {"config": config_dict, "model": p.model.to_dict(), "step": dataclasses.asdict(cfg),
+         "num_steps": p.num_steps}, indent=1))
+    partition_lib.write_partition_summary(
+        partition_lib.partition_summary(p.parts, p.train.labels, p.train.num_classes), workdir)
 
   root = jax.random.key(config.seed)
   init_key, data_key, aug_key, pool_key = jax.random.split(root, 4)
   clients, server = state_lib.init_state(net, cfg, init_key)
+  par = parallel.from_config(config.get("client_parallel", "vmap"), config.get("client_chunk", 0))
+  if par.mode == "shard_map":  # clients on their leading axis over the mesh, server replicated
+    clients = parallel.shard_clients(clients, par.mesh)   # before any save: orbax needs global
+    server = parallel.replicate(server, par.mesh)         # arrays when several processes run
   ckpt_dir = workdir / "checkpoints"
   ckpt = checkpoints.Checkpointer(ckpt_dir, keep_latest=config.keep_checkpoints, keep_best=1,
                                   best_metric="knn_accuracy")
@@ -234,7 +247,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     clients, server = restored.state["clients"], restored.state["server"]
     start = restored.step
     logging.info("resumed from step %d in %s", start, ckpt_dir)
-  writer = metrics.MetricsWriter(workdir, resume_step=start if start else None)
+  writer = (metrics.MetricsWriter(workdir, resume_step=start if start else None) if primary
+            else metrics.MetricsWriter.null())
   meta = {"config": config_dict, "model": p.model.to_dict(), "step_config": dataclasses.asdict(cfg),
           "dataset": {"name": p.train.name, "mean": p.aug.mean, "std": p.aug.std,
                       "input_size": p.train.input_size, "num_classes": p.train.num_classes}}
@@ -260,7 +274,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   try:
     results = _train_loop(config, p, net, cfg, ckpt, writer, clients, server, start, images,
-                          table, keys=(data_key, aug_key, pool_key),
+                          table, par, keys=(data_key, aug_key, pool_key),
                           evaluate_and_save=evaluate_and_save, save=save, embed=embed)
   finally:  # let pending checkpoint writes finish even on Ctrl-C, so resume finds them
     ckpt.close()
@@ -269,6 +283,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if probes_wanted:  # evaluates the selected checkpoint from disk, exactly as evaluate.py does
     from mocosfl_jax import evaluate
     results["probes"] = evaluate.evaluate(workdir, "best", tuple(probes_wanted))
+  if not primary:
+    return results
   (workdir / "results.json").write_text(json.dumps(results, indent=1))
   try:
     metrics.plot_metrics(workdir)
@@ -277,13 +293,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return results
 
 
-def _train_loop(config, p, net, cfg, ckpt, writer, clients, server, start, images, table, *,
-                keys, evaluate_and_save, save, embed):
+def _train_loop(config, p, net, cfg, ckpt, writer, clients, server, start, images, table, par,
+                *, keys, evaluate_and_save, save, embed):
   data_key, aug_key, pool_key = keys
-  par = parallel.from_config(config.get("client_parallel", "vmap"), config.get("client_chunk", 0))
-  if par.mode == "shard_map":  # clients on their leading axis over the mesh, server replicated
-    clients = parallel.shard_clients(clients, par.mesh)
-    server = parallel.replicate(server, par.mesh)
   ckpt_dir = ckpt.directory
   progress = metrics.Progress(p.num_steps, every=config.log_every_steps)
   logging.info("Initial compilation, this might take a few minutes...")
@@ -308,7 +320,8 @@ def _train_loop(config, p, net, cfg, ckpt, writer, clients, server, start, image
     if done % config.log_every_steps == 0 or done == p.num_steps:
       rate = (done - s_last) / max(time.time() - t_last, 1e-9)
       t_last, s_last = time.time(), done
-      scalars = {k: float(v) for k, v in jax.device_get(m).items() if np.ndim(v) == 0}
+      # Scalars only: per-client metrics may be sharded over other hosts' devices.
+      scalars = {k: float(v) for k, v in m.items() if np.ndim(v) == 0}
       writer.write(done, {**scalars, "epoch": epoch, "steps_per_sec": rate})
       progress.update(done, force=True, loss=loss, acc=scalars.get("contrastive_acc", 0.0))
     if done % p.eval_every == 0 or done == p.num_steps:
@@ -316,7 +329,6 @@ def _train_loop(config, p, net, cfg, ckpt, writer, clients, server, start, image
     elif done % config.checkpoint_every_steps == 0:
       save(done, clients, server)
 
-  ckpt.wait_until_finished()
   ckpt.wait_until_finished()
   return final_report(config, p, net, embed, ckpt, clients, server, p.num_steps)
 

@@ -24,22 +24,21 @@ def _run(net, cfg, cs, ss, par):
   return cs, ss, ms
 
 
-@pytest.fixture(scope='module')
-def mesh():
-  assert jax.device_count() >= 4, 'conftest forces 4 CPU devices'
-  return parallel.client_mesh(jax.devices()[:4])
-
-
 # moco_original_full: P=3 on 4 devices (one masked padding client, server BatchNorm);
-# monaco_two_view_sampled: P=2 of N=4 (two padding clients, momentum sync, sampling).
-@pytest.mark.parametrize('name,chunk', [('moco_original_full', 0), ('monaco_two_view_sampled', 0),
-                                        ('monaco_two_view_sampled', 1)])
-def test_shard_map_equals_vmap(mesh, name, chunk):
+# monaco_two_view_sampled: P=2 of N=4 (two padding clients on 4 devices, momentum sync,
+# sampling; on 2 devices no padding at all).
+@pytest.mark.parametrize('name,chunk,devices', [('moco_original_full', 0, 4),
+                                                ('monaco_two_view_sampled', 0, 4),
+                                                ('monaco_two_view_sampled', 1, 4),
+                                                ('monaco_two_view_sampled', 0, 2)])
+def test_shard_map_equals_vmap(name, chunk, devices):
+  assert jax.device_count() >= 4, 'conftest forces 4 CPU devices'
+  mesh = parallel.client_mesh(jax.devices()[:devices])
   net, cfg = case(name)
   cs, ss = state.init_state(net, cfg, jax.random.key(0))
   ref = _run(net, cfg, copy_tree(cs), copy_tree(ss), None)
   par = parallel.ClientParallel('shard_map', chunk=chunk, mesh=mesh)
-  assert par.padded(cfg.pool_size) == 4
+  assert par.padded(cfg.pool_size) == max(devices, cfg.pool_size)
   got = _run(net, cfg, parallel.shard_clients(copy_tree(cs), mesh),
              parallel.replicate(copy_tree(ss), mesh), par)
   assert_states_close(got[:2], ref[:2])
@@ -145,3 +144,39 @@ def test_two_processes_on_loopback(tmp_path):
     line = [l for l in o.splitlines() if l.startswith('RESULT')][-1].split()
     # process 0: 2 clients x 1.0 ; process 1: 1 real client x 2.0  -> 4.0 over 3 clients
     assert float(line[1]) == 4.0 and float(line[2]) == 3.0
+
+
+def test_two_process_training_run_equals_one_process(tmp_path):
+  """`python -m mocosfl_jax.main` as two JAX processes (2 CPU devices each, shard_map over the
+  4-device 'clients' axis, one shared run directory) gives the single-process vmap run's
+  losses and kNN results; only process 0 writes the run files."""
+  import json, os, socket, subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  from pathlib import Path  # pylint: disable=g-import-not-at-top
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  from mocosfl_jax import train  # pylint: disable=g-import-not-at-top
+  root = Path(__file__).resolve().parent.parent
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  env = {k: v for k, v in os.environ.items() if not k.startswith(('XLA_', 'JAX_'))}
+  env.update(PYTHONPATH=str(root), JAX_PLATFORMS='cpu', MOCOSFL_DISTRIBUTED='1',
+             JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}', JAX_NUM_PROCESSES='2',
+             JAX_CPU_COLLECTIVES_IMPLEMENTATION='gloo',
+             XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  work = tmp_path / 'two'
+  cmd = [sys.executable, '-m', 'mocosfl_jax.main', '--config', str(root / 'configs' / 'tiny.py'),
+         '--workdir', str(work), '--config.client_parallel=shard_map']
+  procs = [subprocess.Popen(cmd, env={**env, 'JAX_PROCESS_ID': str(i)}, cwd=root,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  for p, o in zip(procs, outs):
+    assert p.returncode == 0, o[-3000:]
+  ref = train.train_and_evaluate(tiny.get_config(), str(tmp_path / 'one'))
+  losses = lambda d: [r['loss'] for r in map(json.loads, (d / 'metrics.jsonl').open())
+                      if 'loss' in r]
+  np.testing.assert_allclose(losses(work), losses(tmp_path / 'one'), rtol=1e-5)
+  got = json.loads((work / 'results.json').read_text())
+  for which in ('last', 'best'):
+    assert got[which]['step'] == ref[which]['step']
+    np.testing.assert_allclose(got[which]['test_knn_accuracy'], ref[which]['test_knn_accuracy'])

@@ -91,6 +91,9 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
     ("sample_ratio", 1.5, r"config.sample_ratio=1.5: must be in \(0, 1\]"),
     ("sample_ratio", 0.0, r"config.sample_ratio=0.0: must be in \(0, 1\]"),
     ("dataset", "mnist", r"config.dataset='mnist': unknown; valid"),
+    ("conv_impl", "fft", r"config.conv_impl='fft': unknown; valid"),
+    ("client_parallel", "pmap", r"config.client_parallel='pmap': valid"),
+    ("client_chunk", -2, r"config.client_chunk=-2: must be an int >= 0"),
 ])
 def test_invalid_config_fails_before_compilation_naming_the_field(field, value, match):
   config = tiny.get_config()
