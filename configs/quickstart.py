@@ -3,8 +3,9 @@
     pip install . && python -m mocosfl_jax.main
 
 A narrow ResNet-18 (width 16) at 16x16 px, cut 2, MocoSFL's original symmetric loss, 2 label
-shards per client (the reference's non-IID 0.2). Expected on 2 CPU cores: see README (figures
-are measured there): a few minutes, test kNN well above the random-init network's.
+shards per client (the reference's non-IID 0.2), 800 steps. Expected on 2 CPU cores (measured,
+README): under 5 minutes; test kNN 72.2% at initialisation -> 95.6% (last step), 94.4% for the
+checkpoint selected on validation; raw pixels score 96.9% with the same kNN.
 """
 from mocosfl_jax import config_defaults
 
@@ -23,7 +24,7 @@ def get_config():
   c.queue_size = 1024
   c.crop_min_scale = 0.35         # the reference's 0.08 crops 8x8 digits down to a few pixels
   c.lr = 0.06
-  c.num_epochs = 40
+  c.num_epochs = 100
   c.avg_freq = 1
   c.log_every_steps = 20
   c.eval_every_steps = 100
