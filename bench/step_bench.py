@@ -1,0 +1,336 @@
+"""Times the pieces of one MocoSFL step on this machine (flax's benchmark style).
+
+For each (clients, cut) setting, in one process and one run, after warm-up, medians of repeated
+calls of: the client side vmapped and the same per-client functions called in a Python loop
+(the reference's structure), the two-view augmentation, the server step, the sync and the full
+step. Each result records XLA's FLOP count, achieved GFLOP/s, the fraction of this machine's
+conv-training peak (measured by this script), peak memory (RSS high-water mark of the setting's
+own subprocess), compile time, recompilations across steps/syncs/epochs, and the machine.
+
+  python bench/step_bench.py                                   # default grid, 2 threads
+  python bench/step_bench.py --threads 1 --grid 100:2          # one setting, one core
+  python bench/step_bench.py --grid 10000@100:1 --only full    # memory: 10000 registered clients
+  python bench/step_bench.py --torch-python /tmp/tv/bin/python # + torch_reference side by side
+
+Grid entries are CLIENTS[@POOL]:CUT; images per step are 100 (B = 100 // POOL, at least 1),
+ResNet-18, V2 head, K 6000, original symmetric loss, synthetic CIFAR-shaped data. Each setting
+runs in its own subprocess (clean memory high-water mark) with GLIBC_TUNABLES=
+glibc.malloc.hugetlb=1 (2 MiB pages for XLA's large temporaries: page faults were up to 70% of
+a big concat here) unless --no-hugetlb. --threads 1 pins to one core (taskset) and turns off
+XLA's multi-threaded Eigen. Writes bench/results/step_<threads>t.json (see bench/README.md).
+"""
+import argparse
+import json
+import os
+import pathlib
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+RESULTS = ROOT / 'bench' / 'results'
+DEFAULT_GRID = '5:1,20:1,100:1,1000@100:1,5:2,20:2,100:2,1000@100:2,100:5,100:9'
+
+
+def machine() -> dict:
+  import jax  # pylint: disable=g-import-not-at-top
+  cpu = ''
+  try:
+    cpu = next(l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo')
+               if l.startswith('model name'))
+  except (OSError, StopIteration):
+    pass
+  return dict(platform=platform.platform(), cpu=cpu or platform.processor(),
+              cores=os.cpu_count(), affinity=sorted(os.sched_getaffinity(0)),
+              load_avg=os.getloadavg(), python=platform.python_version(),
+              jax=jax.__version__, backend=jax.default_backend(), devices=jax.device_count(),
+              xla_flags=os.environ.get('XLA_FLAGS', ''),
+              glibc_tunables=os.environ.get('GLIBC_TUNABLES', ''),
+              time_utc=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()))
+
+
+def _median_time(fn, reps, warmup=1):
+  import jax  # pylint: disable=g-import-not-at-top
+  for _ in range(warmup):
+    jax.block_until_ready(fn())
+  ts = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    ts.append(time.perf_counter() - t0)
+  return statistics.median(ts), ts
+
+
+def _compiled(jitted, *args, **kw):
+  t0 = time.perf_counter()
+  comp = jitted.lower(*args, **kw).compile()
+  ct = time.perf_counter() - t0
+  cost = comp.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return comp, ct, float((cost or {}).get('flops', 0.0))
+
+
+def _record(name, med, ts, flops, compile_s, peak, extra=None):
+  r = dict(name=name, median_s=med, times_s=ts, gflop=flops / 1e9, compile_s=compile_s,
+           gflops_per_s=flops / med / 1e9 if med else 0.0,
+           peak_fraction=(flops / med / 1e9) / peak if med and peak else 0.0)
+  r.update(extra or {})
+  return r
+
+
+def conv_peak(reps=3) -> dict:
+  """This machine's conv-training peak: best GFLOP/s of a 3x3 64->64 conv fwd+bwd at 32x32,
+  batch 128, over XLA's direct conv and the shifted-view matmul, and a 2048^3 matmul."""
+  import jax, jax.numpy as jnp  # pylint: disable=g-import-not-at-top,multiple-imports
+  from jax import lax  # pylint: disable=g-import-not-at-top
+  from mocosfl_jax.models.layers import conv_matmul  # pylint: disable=g-import-not-at-top
+  x = jax.random.normal(jax.random.key(0), (128, 32, 32, 64))
+  w = jax.random.normal(jax.random.key(1), (3, 3, 64, 64)) * 0.05
+  direct = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), [(1, 1)] * 2,
+                                                 dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  flops = 3 * 2 * 128 * 32 * 32 * 9 * 64 * 64        # fwd + dgrad + wgrad, direct-conv count
+  out = {}
+  for name, f in (('lax', direct), ('matmul', lambda x, w: conv_matmul(x, w, 1, 1))):
+    g = jax.jit(jax.grad(lambda x, w: jnp.sum(f(x, w) ** 2), argnums=(0, 1)))
+    med, _ = _median_time(lambda: g(x, w), reps)
+    out[f'conv_{name}_gflops'] = flops / med / 1e9
+  a = jax.random.normal(jax.random.key(2), (2048, 2048))
+  mm = jax.jit(lambda a: a @ a)
+  med, _ = _median_time(lambda: mm(a), reps)
+  out['gemm_gflops'] = 2 * 2048 ** 3 / med / 1e9
+  out['conv_training_peak_gflops'] = max(out['conv_lax_gflops'], out['conv_matmul_gflops'])
+  return out
+
+
+def run_setting(args) -> dict:
+  """One (clients, pool, cut) setting; runs inside its own subprocess."""
+  import functools  # pylint: disable=g-import-not-at-top
+  import jax, jax.numpy as jnp, numpy as np  # pylint: disable=g-import-not-at-top,multiple-imports
+  # pylint: disable=g-import-not-at-top
+  from mocosfl_jax import parallel, protocol, state, step
+  from mocosfl_jax.data import augment  # pylint: disable=g-import-not-at-top
+  from mocosfl_jax.models import SplitConfig, build  # pylint: disable=g-import-not-at-top
+  from mocosfl_jax.plan import StepConfig  # pylint: disable=g-import-not-at-top
+
+  n, pool, cut = args.clients, args.pool or args.clients, args.cut
+  b = max(args.images // pool, 1)
+  conv_impl = args.conv_impl
+  net = build(SplitConfig(arch='resnet18', cut=cut, input_size=32, head='V2', conv_impl=conv_impl))
+  cfg = StepConfig(num_clients=n, batch_size=b, queue_size=6000, loss_form='original',
+                   pool_size=pool, steps_per_epoch=50, avg_freq=5)
+  par = parallel.ClientParallel(args.client_parallel, args.client_chunk)
+  only = set(args.only.split(',')) if args.only else None
+  want = lambda k: only is None or k in only
+  peak = args.peak
+  res = dict(setting=dict(clients=n, pool=pool, batch=b, cut=cut, images=pool * b,
+                          conv_impl=args.conv_impl, client_parallel=par.mode,
+                          client_chunk=par.chunk, threads=args.threads), results=[])
+  out = res['results']
+  key = jax.random.key(0)
+  t0 = time.perf_counter()
+  clients, server = state.init_state(net, cfg, key)
+  jax.block_until_ready(clients)
+  res['init_s'] = time.perf_counter() - t0
+  pool_ids = jnp.arange(pool, dtype=jnp.int32)
+  images = jax.random.randint(jax.random.key(1), (pool, b, 32, 32, 3), 0, 256).astype(jnp.uint8)
+  mean, std = jnp.array([0.4914, 0.4822, 0.4465]), jnp.array([0.2470, 0.2435, 0.2616])
+  aug = jax.jit(functools.partial(augment.two_views, pipeline='mocov2'))
+  vq, vk = aug(jax.random.key(2), images, mean, std)
+  reps = args.reps
+
+  if want('augment'):
+    comp, ct, fl = _compiled(aug, jax.random.key(3), images, mean, std)
+    med, ts = _median_time(lambda: comp(jax.random.key(3), images, mean, std), reps * 3)
+    out.append(_record('augment', med, ts, fl, ct, peak))
+
+  on = step.gather(clients.online, pool_ids)
+  mom = step.gather(clients.momentum, pool_ids)
+  opt = step.gather(clients.opt_state, pool_ids)
+  lrs = jnp.full((pool,), 0.06, jnp.float32)
+
+  def clients_fb(on, mom, opt, vq, vk, grads, lrs):
+    fwd = lambda o, m, q, k: protocol.client_forward(net, cfg, o, m, q, k)
+    a_q, a_k, on, mom, resid = parallel.map_clients(par, fwd, on, mom, vq, vk)
+    bwd = lambda o, s, q, k, g, lr, r: protocol.client_backward(net, cfg, o, s, q, k, g, lr, r)
+    on, opt = jax.vmap(bwd)(on, opt, vq, vk, grads, lrs, resid)
+    return a_q, a_k, on, mom, opt
+
+  smashed = (pool, cfg.rows_per_client // 1) + net.smashed_shape
+  grads = jax.random.normal(jax.random.key(4), smashed) * 1e-3
+  if want('clients'):
+    f = jax.jit(clients_fb)
+    comp, ct, fl = _compiled(f, on, mom, opt, vq, vk, grads, lrs)
+    med, ts = _median_time(lambda: comp(on, mom, opt, vq, vk, grads, lrs), reps)
+    out.append(_record('clients_vmap', med, ts, fl, ct, peak))
+    if args.loop:                  # the reference's structure: one client at a time
+      fwd1 = jax.jit(protocol.client_forward, static_argnums=(0, 1))
+      bwd1 = jax.jit(protocol.client_backward, static_argnums=(0, 1))
+      row = lambda t, i: jax.tree.map(lambda x: x[i], t)
+      per = [(row(on, i), row(mom, i), row(opt, i), vq[i], vk[i], grads[i]) for i in range(pool)]
+
+      def loop():
+        last = None
+        for o, m, s, q, k, g in per:
+          a_q, a_k, o2, m2, _ = fwd1(net, cfg, o, m, q, k)
+          last = bwd1(net, cfg, o2, s, q, k, g, jnp.float32(0.06))
+        return last
+
+      t1 = time.perf_counter()
+      jax.block_until_ready(loop())
+      ct_loop = time.perf_counter() - t1
+      med_l, ts_l = _median_time(loop, max(1, reps // 2), warmup=0)
+      out.append(_record('clients_loop', med_l, ts_l, fl, ct_loop, peak,
+                         dict(speedup_vmap=med_l / med)))
+
+  a_q = jax.random.normal(jax.random.key(5), smashed)
+  a_k = jax.random.normal(jax.random.key(6), smashed)
+  if want('server'):
+    f = jax.jit(protocol.server_step, static_argnums=(0, 1))
+    comp, ct, fl = _compiled(f, net, cfg, server, a_q, a_k, pool_ids, jnp.int32(0))
+    med, ts = _median_time(lambda: comp(server, a_q, a_k, pool_ids, jnp.int32(0)), reps)
+    out.append(_record('server', med, ts, fl, ct, peak))
+
+  if want('sync'):
+    f = jax.jit(lambda cl, o, m: step.apply_sync(cfg, cl, o, m, True, par), donate_argnums=(0,))
+    cl = jax.tree.map(lambda x: jnp.array(x, copy=True), clients)
+    comp, ct, fl = _compiled(f, cl, on, mom)
+    box = [cl]
+
+    def run_sync():
+      box[0], m = comp(box[0], on, mom)
+      return m
+    med, ts = _median_time(run_sync, reps * 3)
+    out.append(_record('sync', med, ts, fl, ct, peak))
+    del box
+
+  if want('full'):
+    kw = dict(par=par)
+    comp, ct, fl = _compiled(step.train_step, net, cfg, clients, server, pool_ids, vq, vk,
+                             jnp.int32(0), jnp.int32(0), jnp.bool_(False), **kw)
+    res['full_step_compile_s'] = ct
+    sched = [(e, bi, bool(s)) for e, bi, s in ((0, 0, 0), (0, 1, 1), (1, 0, 0), (1, 4, 1))]
+    box = [clients, server]
+    before = step.train_step._cache_size()  # pylint: disable=protected-access
+    times = {False: [], True: []}
+    for i in range(reps + len(sched)):
+      e, bi, s = sched[i % len(sched)]
+      t1 = time.perf_counter()
+      box[0], box[1], m = step.train_step(net, cfg, box[0], box[1], pool_ids, vq, vk,
+                                          jnp.int32(e), jnp.int32(bi), jnp.bool_(s), **kw)
+      jax.block_until_ready(m)
+      if i >= 1:          # the first call pays the compile (cache miss of the jit wrapper)
+        times[s].append(time.perf_counter() - t1)
+    recompiles = step.train_step._cache_size() - before - 1  # pylint: disable=protected-access
+    allt = times[False] + times[True]
+    med = statistics.median(allt)
+    out.append(_record('full_step', med, allt, fl, ct, peak, dict(
+        images_per_s=pool * b / med, steps_per_s=1 / med, recompilations=recompiles,
+        median_nosync_s=statistics.median(times[False]),
+        median_sync_s=statistics.median(times[True]) if times[True] else None,
+        loss=float(m['loss']))))
+  res['peak_rss_mib'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  res['load_avg_end'] = os.getloadavg()
+  return res
+
+
+def parse_grid(text):
+  out = []
+  for item in text.split(','):
+    left, cut = item.split(':')
+    n, _, p = left.partition('@')
+    out.append((int(n), int(p) if p else 0, int(cut)))
+  return out
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument('--grid', default=DEFAULT_GRID)
+  ap.add_argument('--threads', type=int, default=2, choices=(1, 2))
+  ap.add_argument('--images', type=int, default=100)
+  ap.add_argument('--reps', type=int, default=3)
+  ap.add_argument('--conv-impl', default='winograd', choices=('winograd', 'matmul', 'lax'))
+  ap.add_argument('--client-parallel', default='vmap', choices=('vmap', 'shard_map'))
+  ap.add_argument('--client-chunk', type=int, default=0)
+  ap.add_argument('--only', default='', help='comma list of augment,clients,server,sync,full')
+  ap.add_argument('--no-loop', dest='loop', action='store_false')
+  ap.add_argument('--no-hugetlb', dest='hugetlb', action='store_false')
+  ap.add_argument('--torch-python', default='', help='interpreter with torch: also time '
+                  'bench/torch_reference.py on each setting, alternating with ours')
+  ap.add_argument('--out', default='')
+  ap.add_argument('--setting', default='', help=argparse.SUPPRESS)   # CLIENTS@POOL:CUT (child)
+  ap.add_argument('--peak', type=float, default=0.0, help=argparse.SUPPRESS)
+  args = ap.parse_args()
+
+  if args.setting:                                   # child: one setting, JSON on stdout
+    (args.clients, args.pool, args.cut), = parse_grid(args.setting)
+    print('RESULT ' + json.dumps(run_setting(args)), flush=True)
+    return
+
+  env = dict(os.environ)
+  if args.hugetlb:
+    env['GLIBC_TUNABLES'] = 'glibc.malloc.hugetlb=1'
+  prefix = []
+  if args.threads == 1:
+    prefix = ['taskset', '-c', '0']
+    env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' --xla_cpu_multi_thread_eigen=false').strip()
+  env['PYTHONPATH'] = str(ROOT) + os.pathsep + env.get('PYTHONPATH', '')
+  me = [sys.executable, str(pathlib.Path(__file__).resolve())]
+  common = ['--threads', str(args.threads), '--images', str(args.images), '--reps',
+            str(args.reps), '--conv-impl', args.conv_impl, '--client-parallel',
+            args.client_parallel, '--client-chunk', str(args.client_chunk)]
+  if args.only:
+    common += ['--only', args.only]
+  if not args.loop:
+    common += ['--no-loop']
+
+  peak_code = ('import json, sys; sys.path.insert(0, %r); import step_bench; '
+               'print("RESULT " + json.dumps(step_bench.conv_peak()))' % str(ROOT / 'bench'))
+  peak = _child(prefix + [sys.executable, '-c', peak_code], env)
+  report = dict(machine=None, conv_peak=peak, threads=args.threads, settings=[])
+  code = 'import json, sys; sys.path.insert(0, %r); import step_bench; ' \
+         'print("RESULT " + json.dumps(step_bench.machine()))' % str(ROOT / 'bench')
+  report['machine'] = _child(prefix + [sys.executable, '-c', code], env)
+  out = pathlib.Path(args.out or RESULTS / f'step_{args.threads}t.json')
+  out.parent.mkdir(parents=True, exist_ok=True)
+  for n, p, cut in parse_grid(args.grid):
+    setting = f'{n}@{p}:{cut}' if p else f'{n}:{cut}'
+    r = _child(prefix + me + common + ['--setting', setting, '--peak',
+                                       str(peak['conv_training_peak_gflops'])], env)
+    if args.torch_python:
+      tcmd = [args.torch_python, str(ROOT / 'bench' / 'torch_reference.py'), '--clients', str(n),
+              '--pool', str(p or n), '--cut', str(cut), '--threads', str(args.threads),
+              '--steps', str(args.reps), '--images', str(args.images)]
+      r['torch_reference'] = _child(prefix + tcmd, env, marker='{')
+    report['settings'].append(r)
+    _print_setting(r)
+    out.write_text(json.dumps(report, indent=1))      # after every setting: a partial run counts
+  print('wrote', out)
+
+
+def _child(cmd, env, marker='RESULT '):
+  proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+  for line in proc.stdout.splitlines()[::-1]:
+    if line.startswith(marker):
+      return json.loads(line[len('RESULT '):] if marker == 'RESULT ' else line)
+  return dict(error=(proc.stderr or proc.stdout)[-3000:], returncode=proc.returncode)
+
+
+def _print_setting(r):
+  if 'error' in r:
+    print('ERROR', r['error'][-800:], flush=True)
+    return
+  s = r['setting']
+  parts = [f"{s['clients']}@{s['pool']} B{s['batch']} cut{s['cut']}:"]
+  for x in r['results']:
+    parts.append(f"{x['name']} {x['median_s']:.3f}s ({x['gflops_per_s']:.0f} GF/s)")
+  parts.append(f"peak {r['peak_rss_mib']:.0f} MiB")
+  if 'torch_reference' in r and 'median_s' in r['torch_reference']:
+    parts.append(f"torch {r['torch_reference']['median_s']:.2f}s")
+  print(' | '.join(parts), flush=True)
+
+
+if __name__ == '__main__':
+  main()
