@@ -121,17 +121,12 @@ def fedavg_masked(par, online_pool: PyTree, momentum_pool: PyTree, mask: jax.Arr
     p_on, p_mom = on.get('params', on), mom.get('params', mom)
     size = sum(x[0].size for x in jax.tree.leaves(p_on))
 
-    def sq(a, b):
-      per = sum(jnp.sum(jnp.square(x - y[None]).reshape(x.shape[0], -1), axis=1)
-                for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-      return jnp.sum(m * per) / size
-
-    def sq2(a, b):
+    def sq(a, b):  # b: stacked like a, or one tree that broadcasts over the client axis
       per = sum(jnp.sum(jnp.square(x - y).reshape(x.shape[0], -1), axis=1)
                 for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
       return jnp.sum(m * per) / size
 
-    return dict(zip(DIVERGENCE_KEYS, (sq(p_on, p_avg_on), sq2(p_on, p_mom),
+    return dict(zip(DIVERGENCE_KEYS, (sq(p_on, p_avg_on), sq(p_on, p_mom),
                                       sq(p_mom, p_avg_mom))))
 
   if jax.tree.leaves(p_avg_on):
