@@ -1,8 +1,10 @@
 """FedAvg of client models and the MonAcoSFL divergence metrics (spec §1.8, §2.1, §2.3).
 
 The per-client body uses `lax.pmean(x, 'clients')`, so the same function runs under
-`jax.vmap(..., axis_name='clients')` over the pool (one device, tests) and under `jax.shard_map`
-over a client mesh axis later.
+`jax.vmap(..., axis_name='clients')` over the pool and under `jax.shard_map` over a client mesh
+axis. The training step uses `fedavg_pool` on one device and `fedavg_masked` (a mask-weighted
+psum over the 'clients' axis, so padding clients count for nothing) when the pool is sharded or
+padded (parallel.py).
 
 Deliberate deviation: the reference's `average_weights` starts from client 0's state dict and
 adds pool[1:], so under client sampling client 0's stale weights replace pool[0]'s (§1.8, §10.2).
@@ -15,6 +17,8 @@ from typing import Any, Tuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from mocosfl_jax import parallel
 
 PyTree = Any
 AXIS = 'clients'
@@ -102,8 +106,6 @@ def fedavg_masked(par, online_pool: PyTree, momentum_pool: PyTree, mask: jax.Arr
   Returns:
     (mean online vars, mean momentum vars or None, metrics) without the pool axis.
   """
-  from mocosfl_jax import parallel  # pylint: disable=g-import-not-at-top
-
   def sums(on, mom, m):
     return dict(n=jnp.sum(m), on=_wsum(on, m), mom=_wsum(mom, m))
 
