@@ -149,34 +149,37 @@ def test_two_processes_on_loopback(tmp_path):
 def test_two_process_training_run_equals_one_process(tmp_path):
   """`python -m mocosfl_jax.main` as two JAX processes (2 CPU devices each, shard_map over the
   4-device 'clients' axis, one shared run directory) gives the single-process vmap run's
-  losses and kNN results; only process 0 writes the run files."""
+  losses and kNN results; only process 0 writes the run files.
+
+  The one-process reference runs as a subprocess too: in this process the module's
+  fast_compile fixture would compile it differently (and its executables would leak into
+  later tests' jit caches)."""
   import json, os, socket, subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
   from pathlib import Path  # pylint: disable=g-import-not-at-top
-  from configs import tiny  # pylint: disable=g-import-not-at-top
-  from mocosfl_jax import train  # pylint: disable=g-import-not-at-top
   root = Path(__file__).resolve().parent.parent
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
     port = s.getsockname()[1]
-  env = {k: v for k, v in os.environ.items() if not k.startswith(('XLA_', 'JAX_'))}
-  env.update(PYTHONPATH=str(root), JAX_PLATFORMS='cpu', MOCOSFL_DISTRIBUTED='1',
-             JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}', JAX_NUM_PROCESSES='2',
-             JAX_CPU_COLLECTIVES_IMPLEMENTATION='gloo',
-             XLA_FLAGS='--xla_force_host_platform_device_count=2')
-  work = tmp_path / 'two'
-  cmd = [sys.executable, '-m', 'mocosfl_jax.main', '--config', str(root / 'configs' / 'tiny.py'),
-         '--workdir', str(work), '--config.client_parallel=shard_map']
-  procs = [subprocess.Popen(cmd, env={**env, 'JAX_PROCESS_ID': str(i)}, cwd=root,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(2)]
-  outs = [p.communicate(timeout=300)[0] for p in procs]
+  env = {k: v for k, v in os.environ.items() if not k.startswith(('XLA_', 'JAX_', 'MOCOSFL_'))}
+  env.update(PYTHONPATH=str(root), JAX_PLATFORMS='cpu')
+  dist = dict(MOCOSFL_DISTRIBUTED='1', JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}',
+              JAX_NUM_PROCESSES='2', JAX_CPU_COLLECTIVES_IMPLEMENTATION='gloo',
+              XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  main = [sys.executable, '-m', 'mocosfl_jax.main', '--config', str(root / 'configs' / 'tiny.py')]
+  two, one = tmp_path / 'two', tmp_path / 'one'
+  runs = [(main + ['--workdir', str(two), '--config.client_parallel=shard_map'],
+           {**env, **dist, 'JAX_PROCESS_ID': str(i)}) for i in range(2)]
+  runs.append((main + ['--workdir', str(one)], env))
+  procs = [subprocess.Popen(cmd, env=e, cwd=root, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True) for cmd, e in runs]
+  outs = [p.communicate(timeout=400)[0] for p in procs]
   for p, o in zip(procs, outs):
     assert p.returncode == 0, o[-3000:]
-  ref = train.train_and_evaluate(tiny.get_config(), str(tmp_path / 'one'))
   losses = lambda d: [r['loss'] for r in map(json.loads, (d / 'metrics.jsonl').open())
                       if 'loss' in r]
-  np.testing.assert_allclose(losses(work), losses(tmp_path / 'one'), rtol=1e-5)
-  got = json.loads((work / 'results.json').read_text())
+  assert len(losses(two)) == len(losses(one)) == 3        # one writer, no duplicated records
+  np.testing.assert_allclose(losses(two), losses(one), rtol=1e-5)
+  got, ref = (json.loads((d / 'results.json').read_text()) for d in (two, one))
   for which in ('last', 'best'):
     assert got[which]['step'] == ref[which]['step']
     np.testing.assert_allclose(got[which]['test_knn_accuracy'], ref[which]['test_knn_accuracy'])
