@@ -83,11 +83,12 @@ def from_config(client_parallel: str = 'vmap', client_chunk: int = 0) -> ClientP
 def pad_pool(pool: jax.Array, num_clients: int, padded: int):
   """Pool ids padded to `padded` with id N (out of range: gathers clamp, scatters drop).
 
-  Returns (ids [padded], mask [padded] float32 with 1 for real clients).
+  Returns (ids [padded], mask [padded] float32 with 1 for real clients, or None when nothing
+  was padded).
   """
   p = pool.shape[0]
   if padded == p:
-    return pool, jnp.ones((p,), jnp.float32)
+    return pool, None
   ids = jnp.concatenate([pool, jnp.full((padded - p,), num_clients, pool.dtype)])
   mask = jnp.concatenate([jnp.ones((p,), jnp.float32), jnp.zeros((padded - p,), jnp.float32)])
   return ids, mask

@@ -137,9 +137,7 @@ def apply_sync(cfg: StepConfig, clients: ClientState, online_pool: PyTree, momen
     if par is None or (par.mode == 'vmap' and mask is None):
       avg_on, avg_mom, m = sync_lib.fedavg_pool(online_pool, momentum_pool, cfg.momentum_sync)
     else:
-      rows = jax.tree.leaves(online_pool)[0].shape[0]
-      m_ = jnp.ones((rows,), jnp.float32) if mask is None else mask   # unpadded shard_map pool
-      avg_on, avg_mom, m = sync_lib.fedavg_masked(par, online_pool, momentum_pool, m_,
+      avg_on, avg_mom, m = sync_lib.fedavg_masked(par, online_pool, momentum_pool, mask,
                                                   cfg.momentum_sync)
     cl = cl.replace(online=sync_lib.broadcast_clients(avg_on, n))
     if cfg.momentum_sync:
@@ -233,8 +231,7 @@ def train_step_fn(net, cfg: StepConfig, clients: ClientState, server: ServerStat
   clients = clients_finish(clients, ids, on_pool, mom_pool, opt_pool)
 
   sync = resolve_sync(cfg, batch_idx, sync)
-  clients, divs = apply_sync(cfg, clients, on_pool, mom_pool, sync, par,
-                             None if p_pad == p else mask)
+  clients, divs = apply_sync(cfg, clients, on_pool, mom_pool, sync, par, mask)
   return clients, server, step_metrics(loss, aux, s_lr, c_lrs, sync, divs)
 
 

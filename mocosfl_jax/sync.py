@@ -12,7 +12,7 @@ We average exactly the pool. The whole variables dict is averaged (params and BN
 as the reference averages buffers); divergences are measured on 'params' only (S skips BN
 buffers too).
 """
-from typing import Any, Tuple
+from typing import Any, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -94,9 +94,9 @@ def _wsum(tree: PyTree, mask: jax.Array) -> PyTree:
   return jax.tree.map(f, tree)
 
 
-def fedavg_masked(par, online_pool: PyTree, momentum_pool: PyTree, mask: jax.Array,
+def fedavg_masked(par, online_pool: PyTree, momentum_pool: PyTree, mask: Optional[jax.Array],
                   sync_momentum: bool):
-  """FedAvg over the real (mask 1) clients of a possibly padded, possibly sharded pool.
+  """FedAvg over the real (mask 1; None = all) clients of a possibly padded, sharded pool.
 
   `par` is a parallel.ClientParallel: under 'shard_map' every device sums its local clients and
   the sums are psum'ed over the 'clients' axis (the pmean of `fedavg_client`, weighted by the
@@ -106,6 +106,9 @@ def fedavg_masked(par, online_pool: PyTree, momentum_pool: PyTree, mask: jax.Arr
   Returns:
     (mean online vars, mean momentum vars or None, metrics) without the pool axis.
   """
+  if mask is None:
+    mask = jnp.ones((jax.tree.leaves(online_pool)[0].shape[0],), jnp.float32)
+
   def sums(on, mom, m):
     return dict(n=jnp.sum(m), on=_wsum(on, m), mom=_wsum(mom, m))
 
