@@ -12,9 +12,15 @@ clients: they compute on zeros, are cut off before the server, excluded from Fed
 written back. `client_chunk` bounds memory: only one chunk's activations are live at a time
 (the chunk function is rematerialised in the backward pass).
 
+The pool's client state moves between the client-ordered state [N] and the pool-ordered slots
+[P'] in D ppermute rounds (`gather_pool` / `scatter_pool`), so a device holds its own clients
+and its own slots, never the whole pool.
+
 Multi-host: `maybe_initialize_distributed` calls `jax.distributed.initialize` when asked by the
-config or the environment, before any other JAX call; each process then holds only its
-addressable shards (see bench/README.md for the two-process commands).
+config or the environment, before any other JAX call. The state is initialised with its
+shardings (state.init_state(mesh=...)) and the training images are placed one row per client
+(data.sampler.TrainImages.sharded_by_client), so each process's devices hold only their own
+clients' state and images (see bench/README.md for the two-process commands).
 """
 import dataclasses
 import math
@@ -133,6 +139,77 @@ def reduce_clients(par: ClientParallel, fn: Callable, *args):
                        check_vma=False)(*args)
 
 
+def gather_pool(par: Optional[ClientParallel], tree: PyTree, ids: jax.Array) -> PyTree:
+  """Rows `ids` [P'] of a stacked per-client tree, laid out as the pool (split over 'clients'
+  under shard_map). Out-of-range ids (padding, id N) get some real row (masked later).
+
+  shard_map with the clients split over D devices: device d computes pool slots
+  [d*P'/D, (d+1)*P'/D) and holds clients [d*N/D, (d+1)*N/D); the rows travel in D ppermute rounds
+  of one slot block each, so a device never holds more than its own slots' rows plus one block
+  in flight (a plain `x[ids]` under GSPMD gives every device all P' rows: with full
+  participation that is every client's state on every device).
+  """
+  if par is None or par.mode == 'vmap':
+    return jax.tree.map(lambda x: x[ids], tree)
+  d, n = par.num_shards, jax.tree.leaves(tree)[0].shape[0]
+  slots = ids.shape[0] // d
+  split = client_spec((n,), par.mesh) == P(AXIS)
+
+  def body(local, ids):
+    me = lax.axis_index(AXIS)
+    mine = lax.dynamic_slice_in_dim(ids, me * slots, slots)
+    if not split:                       # every device holds all clients
+      return jax.tree.map(lambda x: x[mine], local)
+    n_local = n // d
+    out = None
+    for r in range(d):                  # round r: send the rows device me+r needs from me
+      want = lax.dynamic_slice_in_dim(ids, ((me + r) % d) * slots, slots)
+      rows = jax.tree.map(lambda x: x[jnp.clip(want - me * n_local, 0, n_local - 1)], local)
+      if r:
+        rows = lax.ppermute(rows, AXIS, [(s, (s + r) % d) for s in range(d)])
+      if out is None:
+        out = rows
+      else:                             # keep the rows whose client lives on the sender
+        take = mine // n_local == (me - r) % d
+        out = jax.tree.map(lambda o, x: jnp.where(_rows(take, x), x, o), out, rows)
+    return out
+
+  return jax.shard_map(body, mesh=par.mesh, in_specs=(P(AXIS) if split else P(), P()),
+                       out_specs=P(AXIS), check_vma=False)(tree, ids)
+
+
+def scatter_pool(par: Optional[ClientParallel], full: PyTree, part: PyTree,
+                 ids: jax.Array) -> PyTree:
+  """Writes the pool's rows `part` [P'] into rows `ids` of `full` [N]; other rows untouched,
+  out-of-range ids (padding) dropped. The inverse of `gather_pool`, in the same D rounds."""
+  put = lambda f, p, i: f.at[i].set(p.astype(f.dtype), mode='drop')
+  if par is None or par.mode == 'vmap':
+    return jax.tree.map(lambda f, p: put(f, p, ids), full, part)
+  d, n = par.num_shards, jax.tree.leaves(full)[0].shape[0]
+  slots = ids.shape[0] // d
+  split = client_spec((n,), par.mesh) == P(AXIS)
+
+  def body(local, part, ids):
+    if not split:                       # replicas stay equal: every device writes every row
+      rows = jax.tree.map(lambda x: lax.all_gather(x, AXIS, tiled=True), part)
+      return jax.tree.map(lambda f, p: put(f, p, ids), local, rows)
+    me, n_local = lax.axis_index(AXIS), n // d
+    for r in range(d):                  # round r: receive the slots of device me-r
+      rows = part if r == 0 else lax.ppermute(part, AXIS, [(s, (s + r) % d) for s in range(d)])
+      src = lax.dynamic_slice_in_dim(ids, ((me - r) % d) * slots, slots)
+      idx = jnp.where(src // n_local == me, src - me * n_local, n_local)   # not mine: dropped
+      local = jax.tree.map(lambda f, p: put(f, p, idx), local, rows)
+    return local
+
+  spec = P(AXIS) if split else P()
+  return jax.shard_map(body, mesh=par.mesh, in_specs=(spec, P(AXIS), P()), out_specs=spec,
+                       check_vma=False)(full, part, ids)
+
+
+def _rows(mask: jax.Array, x: jax.Array) -> jax.Array:
+  return mask.reshape(mask.shape + (1,) * (x.ndim - 1))
+
+
 def _place(x, sharding):
   """x (same value in every process) as a global array with `sharding`.
 
@@ -143,21 +220,34 @@ def _place(x, sharding):
   return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
 
 
+def client_spec(shape, mesh: Mesh) -> P:
+  """P('clients') for a stacked per-client leaf whose leading size divides by the device count,
+  else P() (replicated: every device holds all clients)."""
+  return P(AXIS) if len(shape) and shape[0] % mesh.shape[AXIS] == 0 else P()
+
+
+def state_shardings(clients: PyTree, server: PyTree, mesh: Mesh):
+  """(client shardings, server shardings) for state trees of arrays or ShapeDtypeStructs:
+  clients split on their leading axis (`client_spec`), the server replicated."""
+  return (jax.tree.map(lambda x: NamedSharding(mesh, client_spec(x.shape, mesh)), clients),
+          jax.tree.map(lambda x: NamedSharding(mesh, P()), server))
+
+
 def shard_clients(tree: PyTree, mesh: Mesh) -> PyTree:
-  """Places a stacked per-client tree with its leading axis over 'clients' (replicated if the
-  leading size does not divide by the device count: then every device holds all clients)."""
-  n = mesh.shape[AXIS]
-
-  def put(x):
-    spec = P(AXIS) if x.ndim and x.shape[0] % n == 0 else P()
-    return _place(x, NamedSharding(mesh, spec))
-
-  return jax.tree.map(put, tree)
+  """Places a stacked per-client tree with its leading axis over 'clients' (`client_spec`)."""
+  return jax.tree.map(lambda x: _place(x, NamedSharding(mesh, client_spec(np.shape(x), mesh))),
+                      tree)
 
 
 def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
   """Places a tree replicated on every device of `mesh` (the server state)."""
   return jax.tree.map(lambda x: _place(x, NamedSharding(mesh, P())), tree)
+
+
+def addressable_bytes(tree: PyTree) -> int:
+  """Bytes this process holds on its devices for `tree` (all replicas of its local shards)."""
+  return sum(s.data.nbytes for x in jax.tree.leaves(tree) if isinstance(x, jax.Array)
+             for s in x.addressable_shards)
 
 
 DISTRIBUTED_ENV = 'MOCOSFL_DISTRIBUTED'

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from mocosfl_jax import losses
 from mocosfl_jax import optim
+from mocosfl_jax import parallel
 from mocosfl_jax import step as step_lib
 from mocosfl_jax.plan import StepConfig
 from mocosfl_jax.state import ClientState, ServerState
@@ -112,9 +113,8 @@ def split_step(net, cfg: StepConfig, clients: ClientState, server: ServerState, 
   step_lib.check_inputs(cfg, pool, views_q, views_k)
   pool = jnp.asarray(pool, jnp.int32)
   epoch = jnp.asarray(epoch, jnp.int32)
-  on_pool = step_lib.gather(clients.online, pool)
-  mom_pool = step_lib.gather(clients.momentum, pool)
-  opt_pool = step_lib.gather(clients.opt_state, pool)
+  on_pool, mom_pool, opt_pool = parallel.gather_pool(
+      None, (clients.online, clients.momentum, clients.opt_state), pool)
 
   fwd = lambda o, m, q, k: client_forward(net, cfg, o, m, q, k)
   a_q, a_k, on_pool, mom_pool, residual = jax.vmap(fwd)(on_pool, mom_pool, views_q, views_k)

@@ -52,19 +52,6 @@ def client_apply(net, variables: dict, x: jax.Array):
   return smashed, out
 
 
-def gather(tree: PyTree, pool: jax.Array) -> PyTree:
-  """Rows `pool` of every leaf of a stacked per-client tree."""
-  return jax.tree.map(lambda x: x[pool], tree)
-
-
-def scatter(full: PyTree, part: PyTree, pool: jax.Array) -> PyTree:
-  """Writes `part` (leading axis P) into rows `pool` of `full`; other rows are untouched.
-
-  Out-of-range ids (masked padding clients, id N) are dropped.
-  """
-  return jax.tree.map(lambda f, p: f.at[pool].set(p.astype(f.dtype), mode='drop'), full, part)
-
-
 def _flat(x: jax.Array) -> jax.Array:
   return x.reshape((-1,) + x.shape[2:])
 
@@ -112,12 +99,13 @@ def client_lrs(cfg: StepConfig, clients: ClientState, pool: jax.Array, epoch) ->
 
 
 def clients_finish(clients: ClientState, pool: jax.Array, online_pool: PyTree,
-                   momentum_pool: PyTree, opt_pool: PyTree) -> ClientState:
+                   momentum_pool: PyTree, opt_pool: PyTree,
+                   par: Optional[parallel.ClientParallel] = None) -> ClientState:
   """Scatter the pool's new state back and advance its counters; others stay bit-identical."""
+  new = parallel.scatter_pool(par, (clients.online, clients.momentum, clients.opt_state),
+                              (online_pool, momentum_pool, opt_pool), pool)
   return clients.replace(
-      online=scatter(clients.online, online_pool, pool),
-      momentum=scatter(clients.momentum, momentum_pool, pool),
-      opt_state=scatter(clients.opt_state, opt_pool, pool),
+      online=new[0], momentum=new[1], opt_state=new[2],
       count=clients.count.at[pool].add(1, mode='drop'),
       draws=clients.draws.at[pool].add(1, mode='drop'))
 
@@ -200,9 +188,8 @@ def train_step_fn(net, cfg: StepConfig, clients: ClientState, server: ServerStat
   ids, mask = parallel.pad_pool(pool, cfg.num_clients, p_pad)
   views_q, views_k = parallel.pad_rows(views_q, p_pad), parallel.pad_rows(views_k, p_pad)
 
-  on_pool = gather(clients.online, ids)
-  mom_pool = gather(clients.momentum, ids)
-  opt_pool = gather(clients.opt_state, ids)
+  on_pool, mom_pool, opt_pool = parallel.gather_pool(
+      par, (clients.online, clients.momentum, clients.opt_state), ids)
   x_q, x_k = jax.vmap(functools.partial(losses.client_inputs, cfg.loss_form))(views_q, views_k)
   apply = functools.partial(client_apply, net)
 
@@ -228,7 +215,7 @@ def train_step_fn(net, cfg: StepConfig, clients: ClientState, server: ServerStat
   new_params, opt_pool = jax.vmap(lambda q, s, g, lr: optim.sgd_update(tx, q, s, g, lr))(
       on_pool['params'], opt_pool, g_c, parallel.pad_rows(c_lrs, p_pad))
   on_pool = with_params(new_on, new_params)
-  clients = clients_finish(clients, ids, on_pool, mom_pool, opt_pool)
+  clients = clients_finish(clients, ids, on_pool, mom_pool, opt_pool, par)
 
   sync = resolve_sync(cfg, batch_idx, sync)
   clients, divs = apply_sync(cfg, clients, on_pool, mom_pool, sync, par, mask)

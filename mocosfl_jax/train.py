@@ -148,11 +148,12 @@ def resolve(c: ml_collections.ConfigDict) -> Plan:
 # ---- jitted functions -----------------------------------------------------------------------
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 12), donate_argnums=(3, 4))
-def simulated_step(net, cfg: plan.StepConfig, aug: AugSpec, clients, server, images, table,
-                   data_key, aug_key, pool, epoch, batch_idx, par=None):
+def simulated_step(net, cfg: plan.StepConfig, aug: AugSpec, clients, server,
+                   images: sampler.TrainImages, table, data_key, aug_key, pool, epoch, batch_idx,
+                   par=None):
   """Batch indices -> gather -> two views -> the training step, in one compiled call."""
-  idx = sampler.batch_indices(table, pool, clients.draws[pool], cfg.batch_size, data_key)
-  views_q, views_k = augment.two_views(jax.random.fold_in(aug_key, server.step), images[idx],
+  batch = images.batch(table, pool, clients.draws[pool], cfg.batch_size, data_key)
+  views_q, views_k = augment.two_views(jax.random.fold_in(aug_key, server.step), batch,
                                        jnp.asarray(aug.mean), jnp.asarray(aug.std), aug.pipeline,
                                        crop_scale=aug.crop_scale)
   return step_lib.train_step_fn(net, cfg, clients, server, pool, views_q, views_k, epoch,
@@ -232,11 +233,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   root = jax.random.key(config.seed)
   init_key, data_key, aug_key, pool_key = jax.random.split(root, 4)
-  clients, server = state_lib.init_state(net, cfg, init_key)
   par = parallel.from_config(config.get("client_parallel", "vmap"), config.get("client_chunk", 0))
-  if par.mode == "shard_map":  # clients on their leading axis over the mesh, server replicated
-    clients = parallel.shard_clients(clients, par.mesh)   # before any save: orbax needs global
-    server = parallel.replicate(server, par.mesh)         # arrays when several processes run
+  # shard_map: clients (state and training images) on their leading axis over the mesh, server
+  # replicated; built shard by shard, so each process holds only its own clients, and global
+  # arrays from the start (orbax needs them when several processes save).
+  sharded = par.mode == "shard_map"
+  clients, server = state_lib.init_state(net, cfg, init_key, mesh=par.mesh if sharded else None)
+  images = (sampler.TrainImages.sharded_by_client(p.train.images, p.parts, par.mesh) if sharded
+            else sampler.TrainImages.flat(p.train.images))
+  held = {k: parallel.addressable_bytes(v) for k, v in
+          (("client_state", clients), ("server_state", server), ("train_images", images))}
+  logging.info("process %d holds on its devices (bytes): %s", jax.process_index(),
+               json.dumps(held))
   ckpt_dir = workdir / "checkpoints"
   ckpt = checkpoints.Checkpointer(ckpt_dir, keep_latest=config.keep_checkpoints, keep_best=1,
                                   best_metric="knn_accuracy")
@@ -253,7 +261,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           "dataset": {"name": p.train.name, "mean": p.aug.mean, "std": p.aug.std,
                       "input_size": p.train.input_size, "num_classes": p.train.num_classes}}
 
-  images = jnp.asarray(p.train.images)
   table = sampler.ClientTable.from_partition(p.parts, cfg.batch_size)
   embed = embed_fn(net, jnp.asarray(p.aug.mean), jnp.asarray(p.aug.std))
 

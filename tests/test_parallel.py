@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from core_testlib import fast_compile  # noqa: F401  pylint: disable=unused-import
-from core_testlib import assert_states_close, case, copy_tree, pool_for, views
-from mocosfl_jax import parallel, state, step, sync
+from core_testlib import assert_states_close, case, copy_tree, pool_for, tiny_net, views
+from mocosfl_jax import parallel, plan, state, step, sync
 
 pytestmark = pytest.mark.usefixtures('fast_compile')
 SCHEDULE = ((0, 0), (0, 1), (1, 0))      # b=1 is a sync step (S=4, avg 2)
@@ -77,8 +77,63 @@ def test_pad_pool_ids_are_dropped_on_scatter():
   np.testing.assert_array_equal(ids, [2, 0, 3, 3])
   np.testing.assert_array_equal(mask, [1, 1, 0, 0])
   full = jnp.zeros((3, 2))
-  out = step.scatter(full, jnp.ones((4, 2)), ids)
+  out = parallel.scatter_pool(None, full, jnp.ones((4, 2)), ids)
   np.testing.assert_array_equal(out, [[1, 1], [0, 0], [1, 1]])
+
+
+@pytest.mark.parametrize('num_clients,devices', [(8, 4), (6, 4), (8, 2)])
+def test_pool_gather_and_scatter_under_shard_map_equal_plain_indexing(num_clients, devices):
+  """Ring gather/scatter (clients split over devices; N=6 on 4 devices is replicated)."""
+  mesh = parallel.client_mesh(jax.devices()[:devices])
+  par = parallel.ClientParallel('shard_map', mesh=mesh)
+  k1, k2, k3 = jax.random.split(jax.random.key(3), 3)
+  full = {'w': jax.random.normal(k1, (num_clients, 3, 2)), 'n': jnp.arange(num_clients) * 10}
+  pool = jax.random.permutation(k2, num_clients)[:5].astype(jnp.int32)
+  ids, _ = parallel.pad_pool(pool, num_clients, par.padded(5))
+  got = parallel.gather_pool(par, parallel.shard_clients(full, mesh), ids)
+  ref = jax.tree.map(lambda x: x[pool], full)
+  chex.assert_trees_all_equal(jax.tree.map(lambda x: x[:5], got), ref)
+  new = {'w': jax.random.normal(k3, (ids.shape[0], 3, 2)), 'n': -jnp.arange(ids.shape[0]) - 1}
+  out = parallel.scatter_pool(par, parallel.shard_clients(full, mesh),
+                              parallel.shard_clients(new, mesh), ids)
+  expect = jax.tree.map(lambda f, p: f.at[pool].set(p[:5]), full, new)
+  chex.assert_trees_all_equal(out, expect)      # padding rows dropped, other clients untouched
+
+
+def test_sharded_init_and_images_hold_only_each_devices_clients():
+  """init_state(mesh=...) equals the plain init, and neither it nor the by-client image table
+  ever puts more than a device's own clients on a device."""
+  from mocosfl_jax.data import sampler  # pylint: disable=g-import-not-at-top
+  mesh = parallel.client_mesh()
+  net = tiny_net(head='V1')
+  cfg = plan.StepConfig(num_clients=64, batch_size=1, queue_size=256)   # 16 clients a device
+  key = jax.random.key(4)
+  ref = state.init_state(net, cfg, key)
+  got = state.init_state(net, cfg, key, mesh=mesh)
+  chex.assert_trees_all_equal(got, ref)
+  for leaf in jax.tree.leaves(got[0]):
+    assert {s.data.shape[0] for s in leaf.addressable_shards} == {16}
+  # Per device, the compiled init writes a quarter of the client state (and the server), and
+  # needs no more scratch than the unsharded init: no device ever builds all 64 clients.
+  client_bytes, server_bytes = (parallel.addressable_bytes(t) for t in ref)
+  sharded = state.sharded_init_fn(net, cfg, mesh).lower(key).compile().memory_analysis()
+  plain = state._init_state.lower(net, cfg, key).compile().memory_analysis()  # pylint: disable=protected-access
+  assert sharded.output_size_in_bytes < server_bytes + 0.3 * client_bytes
+  assert plain.output_size_in_bytes > server_bytes + 0.95 * client_bytes
+  assert sharded.temp_size_in_bytes <= plain.temp_size_in_bytes
+
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 255, (40, 8, 8, 3), dtype=np.uint8)
+  parts = [np.arange(0, 10), np.arange(10, 13), np.arange(13, 30), np.arange(30, 40)]
+  rows = sampler.TrainImages.sharded_by_client(images, parts, mesh)
+  for s in rows.images.addressable_shards:
+    c = s.index[0].start
+    np.testing.assert_array_equal(s.data[0, :len(parts[c])], images[parts[c]])
+  table = sampler.ClientTable.from_partition(parts, batch_size=2)
+  flat = sampler.TrainImages.flat(images)
+  read = jax.jit(lambda im, ids, draws: im.batch(table, ids, draws, 2, jax.random.key(1)))
+  ids, draws = jnp.array([3, 1, 0], jnp.int32), jnp.array([0, 4, 7], jnp.int32)
+  np.testing.assert_array_equal(read(rows, ids, draws), read(flat, ids, draws))
 
 
 def test_bad_settings_raise():
@@ -165,7 +220,8 @@ def test_two_process_training_run_equals_one_process(tmp_path):
   dist = dict(MOCOSFL_DISTRIBUTED='1', JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}',
               JAX_NUM_PROCESSES='2', JAX_CPU_COLLECTIVES_IMPLEMENTATION='gloo',
               XLA_FLAGS='--xla_force_host_platform_device_count=2')
-  main = [sys.executable, '-m', 'mocosfl_jax.main', '--config', str(root / 'configs' / 'tiny.py')]
+  main = [sys.executable, '-m', 'mocosfl_jax.main', '--config', str(root / 'configs' / 'tiny.py'),
+          '--verbosity=0']
   two, one = tmp_path / 'two', tmp_path / 'one'
   runs = [(main + ['--workdir', str(two), '--config.client_parallel=shard_map'],
            {**env, **dist, 'JAX_PROCESS_ID': str(i)}) for i in range(2)]
@@ -183,3 +239,10 @@ def test_two_process_training_run_equals_one_process(tmp_path):
   for which in ('last', 'best'):
     assert got[which]['step'] == ref[which]['step']
     np.testing.assert_allclose(got[which]['test_knn_accuracy'], ref[which]['test_knn_accuracy'])
+  # Each process holds only its own 2 of the 4 clients: half the state, about half the images
+  # (one zero-padded row per client), the server replicated on both of its devices.
+  held = [json.loads(o.split('holds on its devices (bytes): ')[1].splitlines()[0]) for o in outs]
+  for h in held[:2]:
+    assert h['client_state'] * 2 == held[2]['client_state']
+    assert h['train_images'] <= 0.55 * held[2]['train_images']
+    assert h['server_state'] == 2 * held[2]['server_state']

@@ -78,17 +78,32 @@ def num_batches_per_epoch(counts, batch_size: int, client: int = 0, drop_last: b
   return n // batch_size if drop_last else -(-n // batch_size)
 
 
-def _client_batch(indices_row, count, client, draw, batch_size, key):
+def _client_positions(count, client, draw, batch_size, key, width):
   nb = count // batch_size
   epoch = draw // nb
   j = draw % nb
   epoch_key = jax.random.fold_in(jax.random.fold_in(key, client), epoch)
-  bits = jax.random.bits(epoch_key, indices_row.shape, jnp.uint32)
-  valid = jnp.arange(indices_row.shape[0]) < count
+  bits = jax.random.bits(epoch_key, (width,), jnp.uint32)
+  valid = jnp.arange(width) < count
   # Padding gets the maximal key; a stable sort keeps real entries that tie with it in front.
   order = jnp.argsort(jnp.where(valid, bits, _PAD_KEY), stable=True)
-  pos = jax.lax.dynamic_slice_in_dim(order, j * batch_size, batch_size)
-  return indices_row[pos]
+  return jax.lax.dynamic_slice_in_dim(order, j * batch_size, batch_size).astype(jnp.int32)
+
+
+def _positions(table: ClientTable, client_ids, draws, batch_size: int, key) -> jax.Array:
+  _check_batch_size(table.min_count, batch_size)
+  client_ids = jnp.asarray(client_ids, jnp.int32)
+  draws = jnp.asarray(draws, jnp.int32)
+  fn = functools.partial(_client_positions, batch_size=batch_size, key=key,
+                         width=table.indices.shape[1])
+  return jax.vmap(fn)(table.counts[client_ids], client_ids, draws)
+
+
+@functools.partial(jax.jit, static_argnames=("batch_size",))
+def batch_positions(table: ClientTable, client_ids, draws, batch_size: int, key) -> jax.Array:
+  """int32 [P, B]: positions within each listed client's own samples (row of `table.indices`)
+  of its next batch; same arguments as `batch_indices`."""
+  return _positions(table, client_ids, draws, batch_size, key)
 
 
 @functools.partial(jax.jit, static_argnames=("batch_size",))
@@ -105,10 +120,49 @@ def batch_indices(table: ClientTable, client_ids, draws, batch_size: int, key) -
   Returns:
     int32 [P, B] global indices into the training arrays.
   """
-  _check_batch_size(table.min_count, batch_size)
-  client_ids = jnp.asarray(client_ids, jnp.int32)
-  draws = jnp.asarray(draws, jnp.int32)
-  rows = table.indices[client_ids]
-  counts = table.counts[client_ids]
-  fn = functools.partial(_client_batch, batch_size=batch_size, key=key)
-  return jax.vmap(fn)(rows, counts, client_ids, draws)
+  pos = _positions(table, client_ids, draws, batch_size, key)
+  return jnp.take_along_axis(table.indices[jnp.asarray(client_ids, jnp.int32)], pos, axis=1)
+
+
+@flax.struct.dataclass
+class TrainImages:
+  """The uint8 training images as the jitted step reads them.
+
+  Two layouts, same batches: `flat` [n, H, W, C] read by global sample index (one device), or
+  `by_client` [N, M, H, W, C], one zero-padded row of M = max samples per client, placed with
+  the client state's sharding (parallel.client_spec), so that under shard_map each device, and
+  each process of a multi-host run, holds only its own clients' images. The step's read of the
+  pool's batches then compiles to a masked local gather plus an all-reduce of the [P, B, ...]
+  batch (no device gathers the table).
+  """
+  images: jax.Array
+  by_client: bool = flax.struct.field(pytree_node=False, default=False)
+
+  @classmethod
+  def flat(cls, images: np.ndarray) -> "TrainImages":
+    return cls(jnp.asarray(images), False)
+
+  @classmethod
+  def sharded_by_client(cls, images: np.ndarray, parts: Sequence[np.ndarray], mesh) -> "TrainImages":
+    """Rows built shard by shard: a process only ever copies the rows its devices hold."""
+    from mocosfl_jax import parallel  # data does not otherwise depend on the step's modules
+    images = np.asarray(images)
+    shape = (len(parts), max(1, max(len(p) for p in parts))) + images.shape[1:]
+    sharding = jax.sharding.NamedSharding(mesh, parallel.client_spec(shape, mesh))
+
+    def rows(index):
+      ids = range(shape[0])[index[0]]
+      out = np.zeros((len(ids),) + shape[1:], images.dtype)
+      for r, c in enumerate(ids):
+        out[r, :len(parts[c])] = images[np.asarray(parts[c], np.int64)]
+      return out[(slice(None),) + tuple(index[1:])]
+
+    return cls(jax.make_array_from_callback(shape, sharding, rows), True)
+
+  def batch(self, table: ClientTable, client_ids, draws, batch_size: int, key) -> jax.Array:
+    """uint8 [P, B, H, W, C]: the next batch of each listed client (see `batch_indices`)."""
+    client_ids = jnp.asarray(client_ids, jnp.int32)
+    if not self.by_client:
+      return self.images[batch_indices(table, client_ids, draws, batch_size, key)]
+    pos = batch_positions(table, client_ids, draws, batch_size, key)
+    return self.images[client_ids[:, None], pos]

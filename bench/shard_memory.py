@@ -1,0 +1,79 @@
+"""Per-device memory of the shard_map step, from XLA's memory analysis (nothing is run).
+
+Compiles `step.train_step` with `client_parallel='shard_map'` over D forced CPU devices for
+abstract, sharded state (clients split on their leading axis, server replicated) and records
+what each device needs: arguments (its clients' state + the server), outputs and scratch (temp).
+This is how to size a multi-device or multi-host run before renting it.
+
+  python bench/shard_memory.py                                  # 4 devices, default grid
+  python bench/shard_memory.py --devices 8 --grid 100:9,1000:2
+
+Grid entries are CLIENTS:CUT (full participation, batch 1, ResNet-18, V2, K 6000, original
+loss, 32x32). Writes bench/results/shard_memory.json.
+"""
+import argparse
+import json
+import os
+import pathlib
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def measure(clients: int, cut: int) -> dict:
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from mocosfl_jax import parallel, plan, state, step  # pylint: disable=g-import-not-at-top
+  from mocosfl_jax.models import SplitConfig, build  # pylint: disable=g-import-not-at-top
+
+  net = build(SplitConfig(arch='resnet18', cut=cut, input_size=32, bottleneck='None', head='V2',
+                          ws=False, c_residual=True, width=64, conv_impl='matmul'))
+  cfg = plan.StepConfig(num_clients=clients, batch_size=1, queue_size=6000, steps_per_epoch=10,
+                        avg_freq=5)
+  mesh = parallel.client_mesh()
+  shapes = jax.eval_shape(state._init_state, net, cfg, jax.random.key(0))  # pylint: disable=protected-access
+  shardings = parallel.state_shardings(*shapes, mesh)
+  cs, ss = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        shapes, shardings)
+  par = parallel.ClientParallel('shard_map', mesh=mesh)
+  pool = jnp.arange(clients, dtype=jnp.int32)
+  views = jax.ShapeDtypeStruct((clients, 1, 32, 32, 3), jnp.float32)
+  mem = step.train_step.lower(net, cfg, cs, ss, pool, views, views, jnp.int32(0), jnp.int32(0),
+                              par=par).compile().memory_analysis()
+  nbytes = lambda t: int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(t)))
+  gib = 2.0 ** 30
+  return dict(clients=clients, cut=cut, devices=jax.device_count(),
+              client_state_gib=nbytes(shapes[0]) / gib, server_state_gib=nbytes(shapes[1]) / gib,
+              per_device_argument_gib=mem.argument_size_in_bytes / gib,
+              per_device_output_gib=mem.output_size_in_bytes / gib,
+              per_device_alias_gib=mem.alias_size_in_bytes / gib,
+              per_device_temp_gib=mem.temp_size_in_bytes / gib,
+              per_device_total_gib=(mem.argument_size_in_bytes + mem.output_size_in_bytes
+                                    - mem.alias_size_in_bytes + mem.temp_size_in_bytes) / gib)
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument('--devices', type=int, default=4)
+  ap.add_argument('--grid', default='64:4,32:9,100:9')
+  ap.add_argument('--out', default=str(ROOT / 'bench' / 'results' / 'shard_memory.json'))
+  args = ap.parse_args()
+  os.environ['JAX_PLATFORMS'] = 'cpu'
+  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                             f' --xla_force_host_platform_device_count={args.devices}').strip()
+  sys.path.insert(0, str(ROOT))
+  sys.path.insert(0, str(ROOT / 'bench'))
+  import step_bench  # pylint: disable=g-import-not-at-top
+  report = dict(machine=step_bench.machine(), settings=[])
+  for entry in args.grid.split(','):
+    n, cut = map(int, entry.split(':'))
+    r = measure(n, cut)
+    print(json.dumps(r), flush=True)
+    report['settings'].append(r)
+  pathlib.Path(args.out).write_text(json.dumps(report, indent=1))
+  print('wrote', args.out)
+
+
+if __name__ == '__main__':
+  main()
