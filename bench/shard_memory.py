@@ -2,7 +2,8 @@
 
 Compiles `step.train_step` with `client_parallel='shard_map'` over D forced CPU devices for
 abstract, sharded state (clients split on their leading axis, server replicated) and records
-what each device needs: arguments (its clients' state + the server), outputs and scratch (temp).
+what each device needs: arguments (its clients' state + the server), outputs and scratch (temp),
+for the pool given as client ids (a sampled pool) and as None (full participation, in place).
 This is how to size a multi-device or multi-host run before renting it.
 
   python bench/shard_memory.py                                  # 4 devices, default grid
@@ -37,20 +38,24 @@ def measure(clients: int, cut: int) -> dict:
   cs, ss = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                         shapes, shardings)
   par = parallel.ClientParallel('shard_map', mesh=mesh)
-  pool = jnp.arange(clients, dtype=jnp.int32)
   views = jax.ShapeDtypeStruct((clients, 1, 32, 32, 3), jnp.float32)
-  mem = step.train_step.lower(net, cfg, cs, ss, pool, views, views, jnp.int32(0), jnp.int32(0),
-                              par=par).compile().memory_analysis()
   nbytes = lambda t: int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(t)))
   gib = 2.0 ** 30
-  return dict(clients=clients, cut=cut, devices=jax.device_count(),
-              client_state_gib=nbytes(shapes[0]) / gib, server_state_gib=nbytes(shapes[1]) / gib,
-              per_device_argument_gib=mem.argument_size_in_bytes / gib,
-              per_device_output_gib=mem.output_size_in_bytes / gib,
-              per_device_alias_gib=mem.alias_size_in_bytes / gib,
-              per_device_temp_gib=mem.temp_size_in_bytes / gib,
-              per_device_total_gib=(mem.argument_size_in_bytes + mem.output_size_in_bytes
-                                    - mem.alias_size_in_bytes + mem.temp_size_in_bytes) / gib)
+  out = dict(clients=clients, cut=cut, devices=jax.device_count(),
+             client_state_gib=nbytes(shapes[0]) / gib, server_state_gib=nbytes(shapes[1]) / gib)
+  # 'ids': the pool given as client ids (any order; rows move in ppermute rounds), what a
+  # sampled pool compiles to; 'in_place': pool=None, what full participation compiles to.
+  for name, pool in (('ids', jnp.arange(clients, dtype=jnp.int32)), ('in_place', None)):
+    mem = step.train_step.lower(net, cfg, cs, ss, pool, views, views, jnp.int32(0),
+                                jnp.int32(0), par=par).compile().memory_analysis()
+    out[name] = dict(
+        per_device_argument_gib=mem.argument_size_in_bytes / gib,
+        per_device_output_gib=mem.output_size_in_bytes / gib,
+        per_device_alias_gib=mem.alias_size_in_bytes / gib,
+        per_device_temp_gib=mem.temp_size_in_bytes / gib,
+        per_device_total_gib=(mem.argument_size_in_bytes + mem.output_size_in_bytes
+                              - mem.alias_size_in_bytes + mem.temp_size_in_bytes) / gib)
+  return out
 
 
 def main():

@@ -146,9 +146,8 @@ def run_setting(args) -> dict:
     med, ts = _median_time(lambda: comp(jax.random.key(3), images, mean, std), reps * 3)
     out.append(_record('augment', med, ts, fl, ct, peak))
 
-  on = step.gather(clients.online, pool_ids)
-  mom = step.gather(clients.momentum, pool_ids)
-  opt = step.gather(clients.opt_state, pool_ids)
+  on, mom, opt = parallel.gather_pool(None, (clients.online, clients.momentum, clients.opt_state),
+                                      pool_ids)
   lrs = jnp.full((pool,), 0.06, jnp.float32)
 
   def clients_fb(on, mom, opt, vq, vk, grads, lrs):
@@ -208,7 +207,10 @@ def run_setting(args) -> dict:
 
   if want('full'):
     kw = dict(par=par)
-    comp, ct, fl = _compiled(step.train_step, net, cfg, clients, server, pool_ids, vq, vk,
+    # As the training loop: with full participation the pool is None (in place, natural order).
+    step_pool = None if pool == n else pool_ids
+    res['setting']['pool_in_place'] = step_pool is None
+    comp, ct, fl = _compiled(step.train_step, net, cfg, clients, server, step_pool, vq, vk,
                              jnp.int32(0), jnp.int32(0), jnp.bool_(False), **kw)
     res['full_step_compile_s'] = ct
     sched = [(e, bi, bool(s)) for e, bi, s in ((0, 0, 0), (0, 1, 1), (1, 0, 0), (1, 4, 1))]
@@ -218,7 +220,7 @@ def run_setting(args) -> dict:
     for i in range(reps + len(sched)):
       e, bi, s = sched[i % len(sched)]
       t1 = time.perf_counter()
-      box[0], box[1], m = step.train_step(net, cfg, box[0], box[1], pool_ids, vq, vk,
+      box[0], box[1], m = step.train_step(net, cfg, box[0], box[1], step_pool, vq, vk,
                                           jnp.int32(e), jnp.int32(bi), jnp.bool_(s), **kw)
       jax.block_until_ready(m)
       if i >= 1:          # the first call pays the compile (cache miss of the jit wrapper)

@@ -98,10 +98,16 @@ def client_lrs(cfg: StepConfig, clients: ClientState, pool: jax.Array, epoch) ->
   return schedules.client_lr(cfg, clients.count[pool], epoch) * clients.lr_scale[pool]
 
 
-def clients_finish(clients: ClientState, pool: jax.Array, online_pool: PyTree,
+def clients_finish(clients: ClientState, pool: Optional[jax.Array], online_pool: PyTree,
                    momentum_pool: PyTree, opt_pool: PyTree,
                    par: Optional[parallel.ClientParallel] = None) -> ClientState:
-  """Scatter the pool's new state back and advance its counters; others stay bit-identical."""
+  """Scatter the pool's new state back and advance its counters; others stay bit-identical.
+
+  pool=None: the pool is every client in natural order, so its rows replace the state as is.
+  """
+  if pool is None:
+    return clients.replace(online=online_pool, momentum=momentum_pool, opt_state=opt_pool,
+                           count=clients.count + 1, draws=clients.draws + 1)
   new = parallel.scatter_pool(par, (clients.online, clients.momentum, clients.opt_state),
                               (online_pool, momentum_pool, opt_pool), pool)
   return clients.replace(
@@ -166,7 +172,10 @@ def train_step_fn(net, cfg: StepConfig, clients: ClientState, server: ServerStat
     net: split network (static, hashable).
     cfg: StepConfig (static).
     clients, server: current state (donated by `train_step`).
-    pool: int32 [P] distinct client ids of this epoch's pool, in pool order.
+    pool: int32 [P] distinct client ids of this epoch's pool, in pool order; or None for all
+      N clients in natural order (pool_size == num_clients, what `plan.sample_pool` gives then):
+      the pool's state is then read and written in place, without the gather and scatter
+      (a copy of every client's state, and on several devices the rounds that move it).
     views_q, views_k: float32 [P, B, H, W, C] normalised query / key views per pool position.
     epoch: int32 scalar, 0-based epoch (server scheduler steps so far; client LR when per_epoch).
     batch_idx: int32 scalar, 0-based step within the epoch (sync rule).
@@ -178,6 +187,12 @@ def train_step_fn(net, cfg: StepConfig, clients: ClientState, server: ServerStat
     server_lr, client_lr (pool mean), client_lrs [P], synced, div_online_global,
     div_online_momentum, div_momentum_global.
   """
+  natural = pool is None
+  if natural:
+    if cfg.pool_size != cfg.num_clients:
+      raise ValueError(f'pool=None means all {cfg.num_clients} clients in natural order, but '
+                       f'pool_size={cfg.pool_size}; pass the pool\'s client ids.')
+    pool = jnp.arange(cfg.num_clients, dtype=jnp.int32)
   check_inputs(cfg, pool, views_q, views_k)
   par = parallel.ClientParallel() if par is None else par
   tx = optim.make_sgd(cfg.momentum, cfg.weight_decay)
@@ -188,8 +203,10 @@ def train_step_fn(net, cfg: StepConfig, clients: ClientState, server: ServerStat
   ids, mask = parallel.pad_pool(pool, cfg.num_clients, p_pad)
   views_q, views_k = parallel.pad_rows(views_q, p_pad), parallel.pad_rows(views_k, p_pad)
 
-  on_pool, mom_pool, opt_pool = parallel.gather_pool(
-      par, (clients.online, clients.momentum, clients.opt_state), ids)
+  in_place = natural and mask is None      # pool slot j is client j: no gather / scatter
+  state_rows = (clients.online, clients.momentum, clients.opt_state)
+  on_pool, mom_pool, opt_pool = state_rows if in_place else parallel.gather_pool(
+      par, state_rows, ids)
   x_q, x_k = jax.vmap(functools.partial(losses.client_inputs, cfg.loss_form))(views_q, views_k)
   apply = functools.partial(client_apply, net)
 
@@ -215,7 +232,7 @@ def train_step_fn(net, cfg: StepConfig, clients: ClientState, server: ServerStat
   new_params, opt_pool = jax.vmap(lambda q, s, g, lr: optim.sgd_update(tx, q, s, g, lr))(
       on_pool['params'], opt_pool, g_c, parallel.pad_rows(c_lrs, p_pad))
   on_pool = with_params(new_on, new_params)
-  clients = clients_finish(clients, ids, on_pool, mom_pool, opt_pool, par)
+  clients = clients_finish(clients, None if in_place else ids, on_pool, mom_pool, opt_pool, par)
 
   sync = resolve_sync(cfg, batch_idx, sync)
   clients, divs = apply_sync(cfg, clients, on_pool, mom_pool, sync, par, mask)

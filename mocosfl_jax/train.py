@@ -152,7 +152,8 @@ def simulated_step(net, cfg: plan.StepConfig, aug: AugSpec, clients, server,
                    images: sampler.TrainImages, table, data_key, aug_key, pool, epoch, batch_idx,
                    par=None):
   """Batch indices -> gather -> two views -> the training step, in one compiled call."""
-  batch = images.batch(table, pool, clients.draws[pool], cfg.batch_size, data_key)
+  ids = jnp.arange(cfg.num_clients, dtype=jnp.int32) if pool is None else pool
+  batch = images.batch(table, ids, clients.draws[ids], cfg.batch_size, data_key)
   views_q, views_k = augment.two_views(jax.random.fold_in(aug_key, server.step), batch,
                                        jnp.asarray(aug.mean), jnp.asarray(aug.std), aug.pipeline,
                                        crop_scale=aug.crop_scale)
@@ -308,9 +309,12 @@ def _train_loop(config, p, net, cfg, ckpt, writer, clients, server, start, image
   logging.info("Initial compilation, this might take a few minutes...")
   t_last, s_last = time.time(), start
   pool = None
+  everyone = cfg.pool_size == cfg.num_clients
   for s in range(start, p.num_steps):
     epoch, b = divmod(s, cfg.steps_per_epoch)
-    if pool is None or b == 0:
+    if everyone:               # all clients in natural order: the step updates them in place
+      pool = None
+    elif pool is None or b == 0:
       pool = plan.sample_pool(pool_key, epoch, cfg.num_clients, cfg.pool_size)
     clients, server, m = simulated_step(net, cfg, p.aug, clients, server, images, table,
                                         data_key, aug_key, pool, jnp.int32(epoch), jnp.int32(b),
