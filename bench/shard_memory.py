@@ -9,8 +9,8 @@ This is how to size a multi-device or multi-host run before renting it.
   python bench/shard_memory.py                                  # 4 devices, default grid
   python bench/shard_memory.py --devices 8 --grid 100:9,1000:2
 
-Grid entries are CLIENTS:CUT (full participation, batch 1, ResNet-18, V2, K 6000, original
-loss, 32x32). Writes bench/results/shard_memory.json.
+Grid entries are CLIENTS:CUT (full participation, batch 1, ResNet-18 with the reference's
+Weight Standardisation, V2, K 6000, original loss, 32x32). Writes bench/results/shard_memory.json.
 """
 import argparse
 import json
@@ -21,15 +21,14 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-def measure(clients: int, cut: int) -> dict:
+def measure(clients: int, cut: int, conv_impl: str = 'auto') -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from mocosfl_jax import parallel, plan, state, step  # pylint: disable=g-import-not-at-top
   from mocosfl_jax.models import SplitConfig, build  # pylint: disable=g-import-not-at-top
 
-  net = build(SplitConfig(arch='resnet18', cut=cut, input_size=32, bottleneck='None', head='V2',
-                          ws=False, c_residual=True, width=64, conv_impl='matmul'))
+  net = build(SplitConfig(arch='resnet18', cut=cut, input_size=32, head='V2', conv_impl=conv_impl))
   cfg = plan.StepConfig(num_clients=clients, batch_size=1, queue_size=6000, steps_per_epoch=10,
                         avg_freq=5)
   mesh = parallel.client_mesh()
@@ -41,7 +40,7 @@ def measure(clients: int, cut: int) -> dict:
   views = jax.ShapeDtypeStruct((clients, 1, 32, 32, 3), jnp.float32)
   nbytes = lambda t: int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(t)))
   gib = 2.0 ** 30
-  out = dict(clients=clients, cut=cut, devices=jax.device_count(),
+  out = dict(clients=clients, cut=cut, devices=jax.device_count(), conv_impl=conv_impl,
              client_state_gib=nbytes(shapes[0]) / gib, server_state_gib=nbytes(shapes[1]) / gib)
   # 'ids': the pool given as client ids (any order; rows move in ppermute rounds), what a
   # sampled pool compiles to; 'in_place': pool=None, what full participation compiles to.
@@ -62,6 +61,7 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument('--devices', type=int, default=4)
   ap.add_argument('--grid', default='64:4,32:9,100:9')
+  ap.add_argument('--conv-impl', default='auto', choices=('auto', 'matmul', 'winograd', 'lax'))
   ap.add_argument('--out', default=str(ROOT / 'bench' / 'results' / 'shard_memory.json'))
   args = ap.parse_args()
   os.environ['JAX_PLATFORMS'] = 'cpu'
@@ -73,7 +73,7 @@ def main():
   report = dict(machine=step_bench.machine(), settings=[])
   for entry in args.grid.split(','):
     n, cut = map(int, entry.split(':'))
-    r = measure(n, cut)
+    r = measure(n, cut, args.conv_impl)
     print(json.dumps(r), flush=True)
     report['settings'].append(r)
   pathlib.Path(args.out).write_text(json.dumps(report, indent=1))

@@ -146,9 +146,11 @@ def run_setting(args) -> dict:
     med, ts = _median_time(lambda: comp(jax.random.key(3), images, mean, std), reps * 3)
     out.append(_record('augment', med, ts, fl, ct, peak))
 
-  on, mom, opt = parallel.gather_pool(None, (clients.online, clients.momentum, clients.opt_state),
-                                      pool_ids)
   lrs = jnp.full((pool,), 0.06, jnp.float32)
+  on = mom = opt = None
+  if want('clients') or want('sync'):      # a copy of the pool's state: only when timed
+    on, mom, opt = parallel.gather_pool(
+        None, (clients.online, clients.momentum, clients.opt_state), pool_ids)
 
   def clients_fb(on, mom, opt, vq, vk, grads, lrs):
     fwd = lambda o, m, q, k: protocol.client_forward(net, cfg, o, m, q, k)

@@ -81,8 +81,14 @@ def torch_default_bias_init(fan_in: int):
   return init
 
 
+@jax.checkpoint
 def standardize_kernel(kernel: jax.Array) -> jax.Array:
-  """Weight Standardisation per output channel over (kh, kw, in): (w - mean) / (std_unbiased + eps)."""
+  """Weight Standardisation per output channel over (kh, kw, in): (w - mean) / (std_unbiased + eps).
+
+  Rematerialised (jax.checkpoint): the backward pass recomputes it from the kernel instead of
+  keeping the standardised and centred copies alive from the forward pass, which with many
+  clients are several copies of every client's parameters (100 clients at cut 9: 16 GiB).
+  """
   mean = jnp.mean(kernel, axis=(0, 1, 2), keepdims=True)
   centred = kernel - mean
   std = jnp.std(centred, axis=(0, 1, 2), keepdims=True, ddof=1)
