@@ -149,7 +149,7 @@ class ClientNet(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     arch = _arch(self.cfg)
-    with L.conv_impl(self.cfg.conv_impl):
+    with L.conv_impl(self.cfg.conv_impl), L.remat_weight_standardisation():
       for i in range(arch.cut):
         x = arch.layers[i](name=f"layer{i}")(x, train)
       if arch.bottleneck is not None and self.with_bottleneck:
