@@ -128,7 +128,7 @@ def map_clients(par: ClientParallel, fn: Callable, *args):
 
 def reduce_clients(par: ClientParallel, fn: Callable, *args):
   """fn(*local stacked args) -> tree of local partial sums, psum'ed over the mesh if sharded."""
-  if par.mode == 'vmap':
+  if par is None or par.mode == 'vmap':
     return fn(*args)
   spec = P(AXIS)
 

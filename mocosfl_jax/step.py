@@ -122,17 +122,15 @@ def apply_sync(cfg: StepConfig, clients: ClientState, online_pool: PyTree, momen
   """FedAvg at sync steps, written to all N clients (MonAcoSFL: momentum nets too).
 
   Divergence metrics are the pool means measured before averaging; they are 0 on non-sync
-  steps (check metrics['synced']). With `par` (shard_map) or a padding `mask` the average is a
-  mask-weighted psum over the client axis (sync.fedavg_masked).
+  steps (check metrics['synced']). The average is a (mask-weighted) sum over the pool axis,
+  psum'ed over the mesh under shard_map (sync.fedavg_masked): a dot product with the weights,
+  which XLA:CPU runs ~30x faster than the reduction that `lax.pmean` under vmap lowers to.
   """
   n = cfg.num_clients
 
   def do_sync(cl):
-    if par is None or (par.mode == 'vmap' and mask is None):
-      avg_on, avg_mom, m = sync_lib.fedavg_pool(online_pool, momentum_pool, cfg.momentum_sync)
-    else:
-      avg_on, avg_mom, m = sync_lib.fedavg_masked(par, online_pool, momentum_pool, mask,
-                                                  cfg.momentum_sync)
+    avg_on, avg_mom, m = sync_lib.fedavg_masked(par, online_pool, momentum_pool, mask,
+                                                cfg.momentum_sync)
     cl = cl.replace(online=sync_lib.broadcast_clients(avg_on, n))
     if cfg.momentum_sync:
       cl = cl.replace(momentum=sync_lib.broadcast_clients(avg_mom, n))
