@@ -80,11 +80,11 @@ def input_transform(x: jax.Array, m: int) -> jax.Array:
   n, h, w, c = x.shape
   th, tw = _tiles(h, w, m)
   xp = jnp.pad(x, ((0, 0), (1, 1 + th * m - h), (1, 1 + tw * m - w), (0, 0)))
-  rows = [xp[:, i:i + m * (th - 1) + 1:m] for i in range(a)]
-  out = []
-  for u in _combine(bt, rows):
-    out.extend(_combine(bt, [u[:, :, j:j + m * (tw - 1) + 1:m] for j in range(a)]))
-  return jnp.stack(out).reshape(a * a, n * th * tw, c)
+  # B^T over tile rows, stacked, then B^T over tile columns of the stack: 2a slice-and-add
+  # passes instead of a + a^2 (XLA:CPU runs each as its own fusion; 1.3-1.5x faster here).
+  u = jnp.stack(_combine(bt, [xp[:, i:i + m * (th - 1) + 1:m] for i in range(a)]))
+  v = _combine(bt, [u[:, :, :, j:j + m * (tw - 1) + 1:m] for j in range(a)])   # a x [a,n,th,tw,c]
+  return jnp.stack(v, 1).reshape(a * a, n * th * tw, c)
 
 
 def kernel_transform(kernel: jax.Array, m: int) -> jax.Array:
@@ -113,10 +113,9 @@ def output_transform_t(dy: jax.Array, m: int) -> jax.Array:
   th, tw = _tiles(h, w, m)
   dy = jnp.pad(dy, ((0, 0), (0, th * m - h), (0, tw * m - w), (0, 0)))
   dy = dy.reshape(n, th, m, tw, m, o)
-  out = []
-  for u in _combine(at.T, [dy[:, :, r] for r in range(m)]):
-    out.extend(_combine(at.T, [u[:, :, :, s] for s in range(m)]))
-  return jnp.stack(out).reshape((m + 2) ** 2, n * th * tw, o)
+  u = jnp.stack(_combine(at.T, [dy[:, :, r] for r in range(m)]))     # [a, n, th, tw, m, o]
+  v = _combine(at.T, [u[:, :, :, :, s] for s in range(m)])           # a x [a, n, th, tw, o]
+  return jnp.stack(v, 1).reshape((m + 2) ** 2, n * th * tw, o)
 
 
 def kernel_transform_t(du: jax.Array, m: int) -> jax.Array:
