@@ -118,6 +118,8 @@ def run_setting(args) -> dict:
   n, pool, cut = args.clients, args.pool or args.clients, args.cut
   b = max(args.images // pool, 1)
   conv_impl = args.conv_impl
+  if conv_impl == 'auto':                  # as layers.conv_impl resolves it; recorded resolved
+    conv_impl = 'winograd' if jax.default_backend() == 'cpu' else 'lax'
   net = build(SplitConfig(arch='resnet18', cut=cut, input_size=32, head='V2', conv_impl=conv_impl))
   cfg = StepConfig(num_clients=n, batch_size=b, queue_size=6000, loss_form='original',
                    pool_size=pool, steps_per_epoch=50, avg_freq=5)
@@ -126,7 +128,7 @@ def run_setting(args) -> dict:
   want = lambda k: only is None or k in only
   peak = args.peak
   res = dict(setting=dict(clients=n, pool=pool, batch=b, cut=cut, images=pool * b,
-                          conv_impl=args.conv_impl, client_parallel=par.mode,
+                          conv_impl=conv_impl, client_parallel=par.mode,
                           client_chunk=par.chunk, threads=args.threads), results=[])
   out = res['results']
   key = jax.random.key(0)
@@ -255,7 +257,8 @@ def main():
   ap.add_argument('--threads', type=int, default=2, choices=(1, 2))
   ap.add_argument('--images', type=int, default=100)
   ap.add_argument('--reps', type=int, default=3)
-  ap.add_argument('--conv-impl', default='winograd', choices=('winograd', 'matmul', 'lax'))
+  ap.add_argument('--conv-impl', default='auto', choices=('auto', 'winograd', 'matmul', 'lax'),
+                  help="'auto': winograd on CPU, XLA's convolution on GPU/TPU (recorded resolved)")
   ap.add_argument('--client-parallel', default='vmap', choices=('vmap', 'shard_map'))
   ap.add_argument('--client-chunk', type=int, default=0)
   ap.add_argument('--only', default='', help='comma list of augment,clients,server,sync,full')
