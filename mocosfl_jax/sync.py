@@ -8,7 +8,7 @@ sum of its local clients as a dot product and psums it over the 'clients' axis, 
 clients count for nothing. Why not the pmean under vmap: it lowers to a reduction over the
 leading (client) axis, which XLA:CPU runs at ~1 GB/s (each output element reads N values one
 client's model size apart); the dot product reads the same bytes at ~30 GB/s. At 20 clients
-cut 9 (0.9 GB of online models) the sync fell from 1.78 s to 0.22 s (bench/README.md).
+cut 9 (0.9 GB of online models) the sync fell from 1.63 s to 0.22 s (bench/README.md).
 
 Deliberate deviation: the reference's `average_weights` starts from client 0's state dict and
 adds pool[1:], so under client sampling client 0's stale weights replace pool[0]'s (§1.8, §10.2).
