@@ -1,12 +1,14 @@
-"""Where the CPU server step spends its time: XLA ops grouped by kind, from a profiler trace.
+"""Where the CPU step spends its time: XLA ops grouped by kind, from a profiler trace.
 
   python bench/profile_server.py [--clients 100] [--cut 2] [--conv-impl auto]
+  python bench/profile_server.py --part clients          # the vmapped client slices instead
 
-Runs `protocol.server_step` (ResNet-18, V2 head, K 6000, original loss, batch 1 per client) after
-warm-up, times medians, then records one call with `jax.profiler` and sums the durations of XLA's
-thunks by name with the numeric suffix removed (`ynn_fusion.412` -> `ynn_fusion`). Thread time
-adds up over XLA's worker threads, so it exceeds the wall time when ops run side by side.
-Writes bench/results/server_profile.json.
+Runs `protocol.server_step` (ResNet-18, V2 head, K 6000, original loss, batch 1 per client), or
+with `--part clients` the pool's vmapped client forward + backward/SGD (`protocol.client_forward`,
+`client_backward`, as step_bench.py times them), after warm-up, times medians, then records one
+call with `jax.profiler` and sums the durations of XLA's thunks by name with the numeric suffix
+removed (`ynn_fusion.412` -> `ynn_fusion`). Thread time adds up over XLA's worker threads, so it
+exceeds the wall time when ops run side by side. Writes bench/results/<part>_profile.json.
 """
 import argparse
 import collections
@@ -42,8 +44,10 @@ def main():
   ap.add_argument('--cut', type=int, default=2)
   ap.add_argument('--conv-impl', default='auto', choices=('auto', 'winograd', 'matmul', 'lax'))
   ap.add_argument('--reps', type=int, default=3)
-  ap.add_argument('--out', default=str(ROOT / 'bench' / 'results' / 'server_profile.json'))
+  ap.add_argument('--part', default='server', choices=('server', 'clients'))
+  ap.add_argument('--out', default='', help='default: bench/results/<part>_profile.json')
   args = ap.parse_args()
+  args.out = args.out or str(ROOT / 'bench' / 'results' / f'{args.part}_profile.json')
   sys.path.insert(0, str(ROOT))
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -58,15 +62,28 @@ def main():
                           conv_impl=args.conv_impl))
   cfg = StepConfig(num_clients=n, batch_size=1, queue_size=6000, loss_form='original',
                    pool_size=n, steps_per_epoch=50, avg_freq=5)
-  _, server = state.init_state(net, cfg, jax.random.key(0))
+  clients, server = state.init_state(net, cfg, jax.random.key(0))
   shape = (n, 1) + net.smashed_shape
-  a_q = jax.random.normal(jax.random.key(1), shape)
-  a_k = jax.random.normal(jax.random.key(2), shape)
-  pool = jnp.arange(n, dtype=jnp.int32)
-  f = jax.jit(protocol.server_step, static_argnums=(0, 1))
-  run = lambda: jax.block_until_ready(f(net, cfg, server, a_q, a_k, pool, jnp.int32(0)))
+  if args.part == 'server':
+    f = jax.jit(protocol.server_step, static_argnums=(0, 1))
+    call_args = (net, cfg, server, jax.random.normal(jax.random.key(1), shape),
+                 jax.random.normal(jax.random.key(2), shape), jnp.arange(n, dtype=jnp.int32),
+                 jnp.int32(0))
+  else:
+    def clients_fb(on, mom, opt, vq, vk, grads, lrs):
+      fwd = lambda o, m, q, k: protocol.client_forward(net, cfg, o, m, q, k)
+      a_q, a_k, on, mom, resid = jax.vmap(fwd)(on, mom, vq, vk)
+      bwd = lambda o, s, q, k, g, lr, r: protocol.client_backward(net, cfg, o, s, q, k, g, lr, r)
+      on, opt = jax.vmap(bwd)(on, opt, vq, vk, grads, lrs, resid)
+      return a_q, a_k, on, mom, opt
+    f = jax.jit(clients_fb)
+    views = [jax.random.normal(jax.random.key(i), (n, 1, 32, 32, 3)) for i in (1, 2)]
+    call_args = (clients.online, clients.momentum, clients.opt_state, *views,
+                 jax.random.normal(jax.random.key(3), shape) * 1e-3,
+                 jnp.full((n,), 0.06, jnp.float32))
+  run = lambda: jax.block_until_ready(f(*call_args))
   run()
-  cost = f.lower(net, cfg, server, a_q, a_k, pool, jnp.int32(0)).compile().cost_analysis()
+  cost = f.lower(*call_args).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float((cost or {}).get('flops', 0.0))
   times = []
@@ -84,7 +101,7 @@ def main():
   res = dict(setting=vars(args), median_s=statistics.median(times), times_s=times,
              gflop=flops / 1e9, thread_ms_total=total, ops=kinds, machine=machine())
   pathlib.Path(args.out).write_text(json.dumps(res, indent=1))
-  print(f"server step median {res['median_s']:.3f} s, {flops / 1e9:.0f} GFLOP (XLA's count); "
+  print(f"{args.part} median {res['median_s']:.3f} s, {flops / 1e9:.0f} GFLOP (XLA's count); "
         f"{total:.0f} ms of op time over threads")
   for k in kinds[:12]:
     print(f"  {k['thread_ms']:8.1f} ms  {100 * k['share']:5.1f}%  {k['op']}")
