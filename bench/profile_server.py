@@ -12,6 +12,7 @@ exceeds the wall time when ops run side by side. Writes bench/results/<part>_pro
 """
 import argparse
 import collections
+import functools
 import glob
 import gzip
 import json
@@ -51,11 +52,11 @@ def main():
   sys.path.insert(0, str(ROOT))
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from mocosfl_jax import protocol, state  # pylint: disable=g-import-not-at-top
+  from mocosfl_jax import parallel, protocol, state  # pylint: disable=g-import-not-at-top
   from mocosfl_jax.models import SplitConfig, build  # pylint: disable=g-import-not-at-top
   from mocosfl_jax.plan import StepConfig  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, str(ROOT / 'bench'))
-  from step_bench import machine  # pylint: disable=g-import-not-at-top
+  from step_bench import client_pass, machine  # pylint: disable=g-import-not-at-top
 
   n = args.clients
   net = build(SplitConfig(arch='resnet18', cut=args.cut, input_size=32, head='V2',
@@ -70,13 +71,7 @@ def main():
                  jax.random.normal(jax.random.key(2), shape), jnp.arange(n, dtype=jnp.int32),
                  jnp.int32(0))
   else:
-    def clients_fb(on, mom, opt, vq, vk, grads, lrs):
-      fwd = lambda o, m, q, k: protocol.client_forward(net, cfg, o, m, q, k)
-      a_q, a_k, on, mom, resid = jax.vmap(fwd)(on, mom, vq, vk)
-      bwd = lambda o, s, q, k, g, lr, r: protocol.client_backward(net, cfg, o, s, q, k, g, lr, r)
-      on, opt = jax.vmap(bwd)(on, opt, vq, vk, grads, lrs, resid)
-      return a_q, a_k, on, mom, opt
-    f = jax.jit(clients_fb)
+    f = jax.jit(functools.partial(client_pass, net, cfg, parallel.ClientParallel()))
     views = [jax.random.normal(jax.random.key(i), (n, 1, 32, 32, 3)) for i in (1, 2)]
     call_args = (clients.online, clients.momentum, clients.opt_state, *views,
                  jax.random.normal(jax.random.key(3), shape) * 1e-3,

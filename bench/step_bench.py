@@ -105,6 +105,17 @@ def conv_peak(reps=3) -> dict:
   return out
 
 
+def client_pass(net, cfg, par, on, mom, opt, vq, vk, grads, lrs):
+  """The pool's client side of a step: forward (mapped as `par` says), then backward + SGD."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from mocosfl_jax import parallel, protocol  # pylint: disable=g-import-not-at-top
+  fwd = lambda o, m, q, k: protocol.client_forward(net, cfg, o, m, q, k)
+  a_q, a_k, on, mom, resid = parallel.map_clients(par, fwd, on, mom, vq, vk)
+  bwd = lambda o, s, q, k, g, lr, r: protocol.client_backward(net, cfg, o, s, q, k, g, lr, r)
+  on, opt = jax.vmap(bwd)(on, opt, vq, vk, grads, lrs, resid)
+  return a_q, a_k, on, mom, opt
+
+
 def run_setting(args) -> dict:
   """One (clients, pool, cut) setting; runs inside its own subprocess."""
   import functools  # pylint: disable=g-import-not-at-top
@@ -113,13 +124,12 @@ def run_setting(args) -> dict:
   from mocosfl_jax import parallel, protocol, state, step
   from mocosfl_jax.data import augment  # pylint: disable=g-import-not-at-top
   from mocosfl_jax.models import SplitConfig, build  # pylint: disable=g-import-not-at-top
+  from mocosfl_jax.models.layers import resolve_conv_impl  # pylint: disable=g-import-not-at-top
   from mocosfl_jax.plan import StepConfig  # pylint: disable=g-import-not-at-top
 
   n, pool, cut = args.clients, args.pool or args.clients, args.cut
   b = max(args.images // pool, 1)
-  conv_impl = args.conv_impl
-  if conv_impl == 'auto':                  # as layers.conv_impl resolves it; recorded resolved
-    conv_impl = 'winograd' if jax.default_backend() == 'cpu' else 'lax'
+  conv_impl = resolve_conv_impl(args.conv_impl)         # recorded resolved
   net = build(SplitConfig(arch='resnet18', cut=cut, input_size=32, head='V2', conv_impl=conv_impl))
   cfg = StepConfig(num_clients=n, batch_size=b, queue_size=6000, loss_form='original',
                    pool_size=pool, steps_per_epoch=50, avg_freq=5)
@@ -154,13 +164,7 @@ def run_setting(args) -> dict:
     on, mom, opt = parallel.gather_pool(
         None, (clients.online, clients.momentum, clients.opt_state), pool_ids)
 
-  def clients_fb(on, mom, opt, vq, vk, grads, lrs):
-    fwd = lambda o, m, q, k: protocol.client_forward(net, cfg, o, m, q, k)
-    a_q, a_k, on, mom, resid = parallel.map_clients(par, fwd, on, mom, vq, vk)
-    bwd = lambda o, s, q, k, g, lr, r: protocol.client_backward(net, cfg, o, s, q, k, g, lr, r)
-    on, opt = jax.vmap(bwd)(on, opt, vq, vk, grads, lrs, resid)
-    return a_q, a_k, on, mom, opt
-
+  clients_fb = functools.partial(client_pass, net, cfg, par)
   smashed = (pool, cfg.rows_per_client // 1) + net.smashed_shape
   grads = jax.random.normal(jax.random.key(4), smashed) * 1e-3
   if want('clients'):

@@ -103,7 +103,8 @@ def fedavg_masked(par, online_pool: PyTree, momentum_pool: PyTree, mask: Optiona
                   sync_momentum: bool):
   """FedAvg over the real (mask 1; None = all) clients of a possibly padded, sharded pool.
 
-  `par` is a parallel.ClientParallel: under 'shard_map' every device sums its local clients and
+  `par` is a parallel.ClientParallel (None: vmap): under 'shard_map' every device sums its local
+  clients as a dot product with the mask and
   the sums are psum'ed over the 'clients' axis (the pmean of `fedavg_client`, weighted by the
   mask so padding clients count for nothing). Same results as `fedavg_pool` up to float
   summation order. Integer leaves are taken from pool position 0.
