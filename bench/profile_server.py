@@ -52,9 +52,10 @@ def main():
   sys.path.insert(0, str(ROOT))
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from mocosfl_jax import parallel, protocol, state  # pylint: disable=g-import-not-at-top
+  from mocosfl_jax import parallel  # pylint: disable=g-import-not-at-top
+  from mocosfl_jax.algorithm import protocol, state  # pylint: disable=g-import-not-at-top
   from mocosfl_jax.models import SplitConfig, build  # pylint: disable=g-import-not-at-top
-  from mocosfl_jax.plan import StepConfig  # pylint: disable=g-import-not-at-top
+  from mocosfl_jax.algorithm.plan import StepConfig  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, str(ROOT / 'bench'))
   from step_bench import client_pass, machine  # pylint: disable=g-import-not-at-top
 

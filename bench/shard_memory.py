@@ -25,7 +25,8 @@ def measure(clients: int, cut: int, conv_impl: str = 'auto') -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from mocosfl_jax import parallel, plan, state, step  # pylint: disable=g-import-not-at-top
+  from mocosfl_jax import parallel  # pylint: disable=g-import-not-at-top
+  from mocosfl_jax.algorithm import plan, state, step  # pylint: disable=g-import-not-at-top
   from mocosfl_jax.models import SplitConfig, build  # pylint: disable=g-import-not-at-top
 
   net = build(SplitConfig(arch='resnet18', cut=cut, input_size=32, head='V2', conv_impl=conv_impl))

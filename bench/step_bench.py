@@ -108,7 +108,8 @@ def conv_peak(reps=3) -> dict:
 def client_pass(net, cfg, par, on, mom, opt, vq, vk, grads, lrs):
   """The pool's client side of a step: forward (mapped as `par` says), then backward + SGD."""
   import jax  # pylint: disable=g-import-not-at-top
-  from mocosfl_jax import parallel, protocol  # pylint: disable=g-import-not-at-top
+  from mocosfl_jax import parallel  # pylint: disable=g-import-not-at-top
+  from mocosfl_jax.algorithm import protocol  # pylint: disable=g-import-not-at-top
   fwd = lambda o, m, q, k: protocol.client_forward(net, cfg, o, m, q, k)
   a_q, a_k, on, mom, resid = parallel.map_clients(par, fwd, on, mom, vq, vk)
   bwd = lambda o, s, q, k, g, lr, r: protocol.client_backward(net, cfg, o, s, q, k, g, lr, r)
@@ -121,11 +122,12 @@ def run_setting(args) -> dict:
   import functools  # pylint: disable=g-import-not-at-top
   import jax, jax.numpy as jnp, numpy as np  # pylint: disable=g-import-not-at-top,multiple-imports
   # pylint: disable=g-import-not-at-top
-  from mocosfl_jax import parallel, protocol, state, step
+  from mocosfl_jax import parallel
+  from mocosfl_jax.algorithm import protocol, state, step
   from mocosfl_jax.data import augment  # pylint: disable=g-import-not-at-top
   from mocosfl_jax.models import SplitConfig, build  # pylint: disable=g-import-not-at-top
   from mocosfl_jax.models.layers import resolve_conv_impl  # pylint: disable=g-import-not-at-top
-  from mocosfl_jax.plan import StepConfig  # pylint: disable=g-import-not-at-top
+  from mocosfl_jax.algorithm.plan import StepConfig  # pylint: disable=g-import-not-at-top
 
   n, pool, cut = args.clients, args.pool or args.clients, args.cut
   b = max(args.images // pool, 1)

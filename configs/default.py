@@ -5,4 +5,4 @@
 
 The base every other config overrides; see configs/mocosfl_table2.py for the paper's settings.
 """
-from mocosfl_jax.config_defaults import get_config  # noqa: F401
+from mocosfl_jax.config import get_config  # noqa: F401

@@ -6,12 +6,12 @@ MocoSFL: N 100, auto_adjust, cut 2, lr 0.03, non-IID 1.0 or 0.2 (spec §6.3). Mo
 B 20, 25% sampled, avg_freq 10, original (two-term) symmetric loss, momentum sync (its
 mobilenet_20_clients script). Paper figure: the MobileNetV2 rows of the respective papers.
 """
-from mocosfl_jax import config_defaults
+from mocosfl_jax import config
 
 
 def get_config(arg=None):
-  a = config_defaults.parse_arg(arg, {"paper": "mocosfl", "noniid": 0.2, "cut": 2, "dataset": "cifar10"})
-  c = config_defaults.get_config()
+  a = config.parse_arg(arg, {"paper": "mocosfl", "noniid": 0.2, "cut": 2, "dataset": "cifar10"})
+  c = config.get_config()
   c.arch, c.dataset, c.cut, c.noniid_ratio = "mobilenetv2", a["dataset"], a["cut"], a["noniid"]
   if a["paper"] == "mocosfl":
     c.num_clients, c.auto_adjust, c.lr = 100, True, 0.03

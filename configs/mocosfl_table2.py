@@ -10,12 +10,12 @@ Paper figure to expect: the matching row of MocoSFL's Table 2 (ICLR 2023), linea
 CIFAR; our spec records no per-row numbers, so compare against the paper's PDF. Needs a GPU:
 100 images per step, 100k steps (spec §1.15). Prepare CIFAR first (README).
 """
-from mocosfl_jax import config_defaults
+from mocosfl_jax import config
 
 
 def get_config(arg=None):
-  a = config_defaults.parse_arg(arg, {"clients": 5, "cut": 1, "noniid": 1.0, "dataset": "cifar10"})
-  c = config_defaults.get_config()
+  a = config.parse_arg(arg, {"clients": 5, "cut": 1, "noniid": 1.0, "dataset": "cifar10"})
+  c = config.get_config()
   c.dataset, c.cut, c.noniid_ratio = a["dataset"], a["cut"], a["noniid"]
   c.num_clients = a["clients"]
   c.lr = 0.06

@@ -9,12 +9,12 @@ steps, 100k steps in total (spec §1.15). Paper figure to expect: 1000 clients, 
 per client, CIFAR-10, ResNet-18: over 84% linear-probe accuracy (abstract; README "~84%").
 Other rows: MocoSFL Table 3 (not recorded in our spec). GPU-scale run.
 """
-from mocosfl_jax import config_defaults
+from mocosfl_jax import config
 
 
 def get_config(arg=None):
-  a = config_defaults.parse_arg(arg, {"clients": 1000, "cut": 1, "noniid": 0.2, "dataset": "cifar10", "seed": 1234})
-  c = config_defaults.get_config()
+  a = config.parse_arg(arg, {"clients": 1000, "cut": 1, "noniid": 0.2, "dataset": "cifar10", "seed": 1234})
+  c = config.get_config()
   c.dataset, c.cut, c.noniid_ratio, c.seed = a["dataset"], a["cut"], a["noniid"], a["seed"]
   c.num_clients = a["clients"]
   c.auto_adjust = True

@@ -10,13 +10,13 @@ M's auto_adjust (B = 12 // 5 = 2, avg_freq 100); 20 clients B 20, 25% sampled, a
 gains over MocoSFL grow with the cut (MocoSFL degrades "catastrophically" at deep cuts,
 non-IID); the repos hold no numeric table, so compare with the paper (ECML PKDD 2024).
 """
-from mocosfl_jax import config_defaults
+from mocosfl_jax import config
 
 
 def get_config(arg=None):
-  a = config_defaults.parse_arg(arg, {"clients": 20, "cut": 5, "noniid": 0.2, "dataset": "cifar10",
+  a = config.parse_arg(arg, {"clients": 20, "cut": 5, "noniid": 0.2, "dataset": "cifar10",
                   "sync_momentum": 1})
-  c = config_defaults.get_config()
+  c = config.get_config()
   c.dataset, c.cut, c.noniid_ratio = a["dataset"], a["cut"], a["noniid"]
   c.num_clients = a["clients"]
   c.loss_form = "two_view"

@@ -8,11 +8,11 @@ README): about 5 minutes; test kNN 72.2% at initialisation -> 94.7% (last step; 
 checkpoint selected on validation); raw pixels score 96.9% with the same kNN. Changes that only
 reorder float sums have moved the last-step figure between 94.7% and 96.1%.
 """
-from mocosfl_jax import config_defaults
+from mocosfl_jax import config
 
 
 def get_config():
-  c = config_defaults.get_config()
+  c = config.get_config()
   c.dataset = "digits"
   c.image_size = 16
   c.arch = "resnet18"

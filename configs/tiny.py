@@ -4,11 +4,11 @@
 
 Expected: finishes in well under a minute on 2 CPU cores; kNN accuracy is not meaningful.
 """
-from mocosfl_jax import config_defaults
+from mocosfl_jax import config
 
 
 def get_config():
-  c = config_defaults.get_config()
+  c = config.get_config()
   c.dataset = "synthetic"
   c.image_size = 8
   c.arch = "resnet_tiny"

@@ -4,12 +4,12 @@
 
 Paper figure: MocoSFL's VGG-13 rows (not recorded in our spec).
 """
-from mocosfl_jax import config_defaults
+from mocosfl_jax import config
 
 
 def get_config(arg=None):
-  a = config_defaults.parse_arg(arg, {"noniid": 1.0, "dataset": "cifar10"})
-  c = config_defaults.get_config()
+  a = config.parse_arg(arg, {"noniid": 1.0, "dataset": "cifar10"})
+  c = config.get_config()
   c.arch, c.cut, c.dataset, c.noniid_ratio = "vgg13", 2, a["dataset"], a["noniid"]
   c.num_clients, c.auto_adjust = 100, True
   c.lr = 0.03 if a["noniid"] >= 1.0 else 0.02

@@ -91,7 +91,7 @@ def run(args) -> dict:
   import numpy as np  # pylint: disable=g-import-not-at-top
   import onnx  # pylint: disable=g-import-not-at-top
 
-  from export import client_checkpoint, onnx_export  # pylint: disable=g-import-not-at-top
+  from mocosfl_jax.deploy import client_checkpoint, onnx_export  # pylint: disable=g-import-not-at-top
   from mocosfl_jax.models import SplitConfig, build  # pylint: disable=g-import-not-at-top
 
   opset = onnx_export.DEFAULT_OPSET if args.opset is None else args.opset

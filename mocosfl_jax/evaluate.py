@@ -21,7 +21,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mocosfl_jax import checkpoints, knn, plan, probes, state as state_lib, train
+from mocosfl_jax.run import checkpoints, train
+from mocosfl_jax.evaluation import knn, probes
+from mocosfl_jax.algorithm import plan, state as state_lib
 from mocosfl_jax.models import SplitConfig, build
 
 PROTOCOLS = ("knn", "linear", "semi")
@@ -38,7 +40,7 @@ def restore_for_eval(workdir, checkpoint="best"):
     meta = ckpt.read_meta(step)
     if "model" not in meta or "step_config" not in meta or "config" not in meta:
       raise ValueError(f"checkpoint {step} in {ckpt_dir} has no model/config metadata; it was not "
-                       "written by mocosfl_jax.train")
+                       "written by mocosfl_jax.run.train")
     config = ml_collections.ConfigDict(meta["config"])
     p = train.resolve(config)
     net = build(SplitConfig.from_dict(meta["model"]))

@@ -29,7 +29,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   import jax  # after flags, so --help stays fast
-  from mocosfl_jax import parallel, train
+  from mocosfl_jax import parallel
+  from mocosfl_jax.run import train
   # Multi-host: jax.distributed must start before anything touches the backend (jax.devices).
   parallel.maybe_initialize_distributed(_CONFIG.value.get("distributed", None) or None)
   logging.info("JAX process %d/%d, devices: %s", jax.process_index(), jax.process_count(),

@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from mocosfl_jax import plan
-from mocosfl_jax.plan import StepConfig
+from mocosfl_jax.algorithm import plan
+from mocosfl_jax.algorithm.plan import StepConfig
 
 
 @pytest.fixture(scope='module')

@@ -1,4 +1,4 @@
-"""Tests for mocosfl_jax.checkpoints: round trip, retention, crash safety, error messages."""
+"""Tests for mocosfl_jax.run.checkpoints: round trip, retention, crash safety, error messages."""
 import shutil
 
 import chex
@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from mocosfl_jax import checkpoints as ckpt
+from mocosfl_jax.run import checkpoints as ckpt
 
 
 def _state(width=4):

@@ -4,7 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from mocosfl_jax import config_defaults, plan, train
+from mocosfl_jax import config
+from mocosfl_jax.algorithm import plan
+from mocosfl_jax.run import train
 from mocosfl_jax.models import SplitConfig, build
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -44,4 +46,4 @@ def test_paper_settings_follow_the_reference():
 
 def test_config_arguments_are_checked():
   with pytest.raises(ValueError, match=r"config argument 'clinets' is unknown; valid"):
-    config_defaults.parse_arg("clinets=5", {"clients": 5})
+    config.parse_arg("clinets=5", {"clients": 5})

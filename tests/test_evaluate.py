@@ -4,7 +4,8 @@ import json
 import pytest
 
 from configs import tiny
-from mocosfl_jax import evaluate, train
+from mocosfl_jax import evaluate
+from mocosfl_jax.run import train
 
 
 def test_evaluate_cli_on_a_finished_run(tmp_path, capsys):

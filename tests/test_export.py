@@ -25,11 +25,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from export import client_checkpoint, onnx_export, quantize, run_client, to_onnx  # noqa: E402
-from mocosfl_jax import checkpoints  # noqa: E402
+from export import quantize, run_client, to_onnx  # noqa: E402
+from mocosfl_jax.deploy import client_checkpoint, onnx_export  # noqa: E402
+from mocosfl_jax.run import checkpoints  # noqa: E402
 from mocosfl_jax.models import SplitConfig, build  # noqa: E402
-from mocosfl_jax.plan import StepConfig  # noqa: E402
-from mocosfl_jax.state import init_state  # noqa: E402
+from mocosfl_jax.algorithm.plan import StepConfig  # noqa: E402
+from mocosfl_jax.algorithm.state import init_state  # noqa: E402
 
 TOL = 1e-4
 # The eager JAX references run one XLA op per jnp call; XLA's own conv is one op, the CPU-default
@@ -224,7 +225,7 @@ def test_export_rejects_bad_options_and_trees():
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoint round trip through to_onnx.py (resnet_tiny, written by mocosfl_jax.checkpoints).
+# Checkpoint round trip through to_onnx.py (resnet_tiny, written by mocosfl_jax.run.checkpoints).
 
 CK_CFG = SplitConfig(arch="resnet_tiny", cut=2, width=8, input_size=16, bottleneck="C4S2",
                      head="V1")

@@ -1,11 +1,11 @@
-"""Tests for mocosfl_jax.knn against a brute-force numpy kNN monitor."""
+"""Tests for mocosfl_jax.evaluation.knn against a brute-force numpy kNN monitor."""
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mocosfl_jax import knn
+from mocosfl_jax.evaluation import knn
 
 N, Q, D, C = 300, 70, 8, 5
 

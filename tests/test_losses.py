@@ -1,4 +1,4 @@
-"""Tests for mocosfl_jax.losses: InfoNCE golden numbers and the stop-gradients of each form."""
+"""Tests for mocosfl_jax.algorithm.losses: InfoNCE golden numbers and the stop-gradients of each form."""
 import math
 
 import chex
@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mocosfl_jax import losses
-from mocosfl_jax.queue import l2_normalize
+from mocosfl_jax.algorithm import losses
+from mocosfl_jax.algorithm.queue import l2_normalize
 
 
 def test_info_nce_golden():

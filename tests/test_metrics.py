@@ -1,4 +1,4 @@
-"""Tests for mocosfl_jax.metrics: jsonl append / resume truncation, plots, progress line."""
+"""Tests for mocosfl_jax.run.metrics: jsonl append / resume truncation, plots, progress line."""
 import io
 import json
 
@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mocosfl_jax import metrics
+from mocosfl_jax.run import metrics
 
 
 def _write_steps(run_dir, steps, resume_step=None):

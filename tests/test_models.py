@@ -169,7 +169,7 @@ def test_client_side_weight_standardisation_is_rematerialised(monkeypatch):
   for a step with 8 ResNet-18 clients at cut 9 is below the same step keeping them, by more
   than the clients' parameters (compiled only, nothing runs)."""
   import contextlib  # pylint: disable=g-import-not-at-top
-  from mocosfl_jax import plan, state, step  # pylint: disable=g-import-not-at-top
+  from mocosfl_jax.algorithm import plan, state, step  # pylint: disable=g-import-not-at-top
   net = build(SplitConfig(arch="resnet18", cut=9, head="V1"))
   cfg = plan.StepConfig(num_clients=8, batch_size=1, queue_size=32, steps_per_epoch=4,
                         avg_freq=2)

@@ -1,11 +1,11 @@
-"""Tests for mocosfl_jax.optim: PyTorch SGD arithmetic, masked client updates, EMA."""
+"""Tests for mocosfl_jax.algorithm.optim: PyTorch SGD arithmetic, masked client updates, EMA."""
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mocosfl_jax import optim
+from mocosfl_jax.algorithm import optim
 
 
 def test_sgd_weight_decay_momentum_golden():

@@ -10,7 +10,8 @@ import pytest
 
 from core_testlib import fast_compile  # noqa: F401  pylint: disable=unused-import
 from core_testlib import assert_states_close, case, copy_tree, pool_for, tiny_net, views
-from mocosfl_jax import parallel, plan, state, step, sync
+from mocosfl_jax import parallel
+from mocosfl_jax.algorithm import plan, state, step, sync
 
 pytestmark = pytest.mark.usefixtures('fast_compile')
 SCHEDULE = ((0, 0), (0, 1), (1, 0))      # b=1 is a sync step (S=4, avg 2)

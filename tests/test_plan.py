@@ -1,4 +1,4 @@
-"""Tests for mocosfl_jax.plan: config validation, sync rule, auto_adjust, pool sampling."""
+"""Tests for mocosfl_jax.algorithm.plan: config validation, sync rule, auto_adjust, pool sampling."""
 import dataclasses
 
 import chex
@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mocosfl_jax import plan
-from mocosfl_jax.plan import StepConfig
+from mocosfl_jax.algorithm import plan
+from mocosfl_jax.algorithm.plan import StepConfig
 
 
 def test_derived_fields_and_hashable():

@@ -1,11 +1,11 @@
-"""Tests for mocosfl_jax.probes: learning, final/best reporting, LR schedules, BN masking."""
+"""Tests for mocosfl_jax.evaluation.probes: learning, final/best reporting, LR schedules, BN masking."""
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mocosfl_jax import probes
+from mocosfl_jax.evaluation import probes
 
 C, F = 4, 12
 EPOCHS = 8

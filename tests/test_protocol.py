@@ -1,4 +1,4 @@
-"""Tests for mocosfl_jax.protocol: the split client/server functions reproduce the fused step."""
+"""Tests for mocosfl_jax.algorithm.protocol: the split client/server functions reproduce the fused step."""
 import chex
 import jax
 import jax.numpy as jnp
@@ -6,7 +6,7 @@ import pytest
 
 from core_testlib import fast_compile  # noqa: F401  pylint: disable=unused-import
 from core_testlib import assert_states_close, case, copy_tree, pool_for, views
-from mocosfl_jax import protocol, state, step
+from mocosfl_jax.algorithm import protocol, state, step
 
 _split = jax.jit(protocol.split_step, static_argnums=(0, 1), static_argnames=('keep_residual',))
 

@@ -1,10 +1,10 @@
-"""Tests for mocosfl_jax.queue: init, wrap-around enqueue, per-client queues by pool position."""
+"""Tests for mocosfl_jax.algorithm.queue: init, wrap-around enqueue, per-client queues by pool position."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mocosfl_jax import queue as queue_lib
+from mocosfl_jax.algorithm import queue as queue_lib
 
 
 def test_init_is_normalised_per_key():

@@ -1,4 +1,4 @@
-"""Tests for mocosfl_jax.schedules against closed forms and PyTorch's chained recursion."""
+"""Tests for mocosfl_jax.algorithm.schedules against closed forms and PyTorch's chained recursion."""
 import math
 
 import jax
@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mocosfl_jax import schedules
-from mocosfl_jax.plan import StepConfig
+from mocosfl_jax.algorithm import schedules
+from mocosfl_jax.algorithm.plan import StepConfig
 
 
 def _torch_chained_cosine(base, period, steps):

@@ -1,11 +1,11 @@
-"""Tests for mocosfl_jax.state.init_state."""
+"""Tests for mocosfl_jax.algorithm.state.init_state."""
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mocosfl_jax import state
-from mocosfl_jax.plan import StepConfig
+from mocosfl_jax.algorithm import state
+from mocosfl_jax.algorithm.plan import StepConfig
 import pytest
 
 from core_testlib import fast_compile  # noqa: F401  pylint: disable=unused-import

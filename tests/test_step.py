@@ -1,4 +1,4 @@
-"""Tests for mocosfl_jax.step: vmapped fused step == Python loop over clients, sync semantics,
+"""Tests for mocosfl_jax.algorithm.step: vmapped fused step == Python loop over clients, sync semantics,
 masking of non-participants, no recompilation, determinism."""
 import math
 
@@ -10,8 +10,8 @@ import pytest
 
 from core_testlib import fast_compile  # noqa: F401  pylint: disable=unused-import
 from core_testlib import CASES, assert_states_close, case, copy_tree, pool_for, views
-from mocosfl_jax import plan, protocol, state, step
-from mocosfl_jax.state import ClientState
+from mocosfl_jax.algorithm import plan, protocol, state, step
+from mocosfl_jax.algorithm.state import ClientState
 
 SCHEDULE = ((0, 0), (0, 1), (1, 0))      # (epoch, batch_idx); b=1 is a sync step (S=4, avg 2)
 

@@ -1,4 +1,4 @@
-"""Tests for mocosfl_jax.sync: FedAvg golden numbers, momentum sync switch, shard_map parity."""
+"""Tests for mocosfl_jax.algorithm.sync: FedAvg golden numbers, momentum sync switch, shard_map parity."""
 import chex
 import jax
 import jax.numpy as jnp
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from mocosfl_jax import sync
+from mocosfl_jax.algorithm import sync
 
 
 def _pool():

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from mocosfl_jax import checkpoints, metrics, state as state_lib, train
+from mocosfl_jax.run import checkpoints, metrics, train
+from mocosfl_jax.algorithm import state as state_lib
 from mocosfl_jax.models import build
 
 

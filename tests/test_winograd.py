@@ -1,4 +1,4 @@
-"""Tests for mocosfl_jax.winograd: F(2,3) and F(4,3) equal a direct conv in value and in both
+"""Tests for mocosfl_jax.models.winograd: F(2,3) and F(4,3) equal a direct conv in value and in both
 gradients (custom VJP), for odd sizes, under vmap over per-client kernels, and the dispatch."""
 import chex
 import jax
@@ -8,7 +8,7 @@ import pytest
 from jax import lax
 
 from core_testlib import fast_compile  # noqa: F401  pylint: disable=unused-import
-from mocosfl_jax import winograd
+from mocosfl_jax.models import winograd
 
 pytestmark = pytest.mark.usefixtures('fast_compile')
 

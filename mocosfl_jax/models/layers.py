@@ -143,7 +143,7 @@ class Conv(nn.Module):
       kernel = (_standardize_kernel_remat if _REMAT_WS.get() else standardize_kernel)(kernel)
     impl = _CONV_IMPL.get()
     if impl == "winograd":
-      from mocosfl_jax import winograd  # pylint: disable=g-import-not-at-top
+      from mocosfl_jax.models import winograd  # pylint: disable=g-import-not-at-top
       y = winograd.conv(x, kernel, self.stride, self.padding, self.groups)
     elif impl == "matmul":
       y = conv_matmul(x, kernel, self.stride, self.padding, self.groups)

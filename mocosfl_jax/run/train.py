@@ -19,8 +19,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mocosfl_jax import checkpoints, knn, metrics, parallel, plan
-from mocosfl_jax import state as state_lib, step as step_lib
+from mocosfl_jax.run import checkpoints, metrics
+from mocosfl_jax.evaluation import knn
+from mocosfl_jax import parallel
+from mocosfl_jax.algorithm import plan
+from mocosfl_jax.algorithm import state as state_lib, step as step_lib
 from mocosfl_jax.data import augment, partition as partition_lib, sampler, sources
 from mocosfl_jax.models import SplitConfig, build, num_layers
 

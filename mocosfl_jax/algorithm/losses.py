@@ -13,7 +13,7 @@ from typing import Any, Optional, Tuple
 import jax
 import jax.numpy as jnp
 
-from mocosfl_jax.queue import l2_normalize
+from mocosfl_jax.algorithm.queue import l2_normalize
 
 PyTree = Any
 

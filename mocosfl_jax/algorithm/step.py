@@ -24,14 +24,14 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from mocosfl_jax import losses
-from mocosfl_jax import optim
+from mocosfl_jax.algorithm import losses
+from mocosfl_jax.algorithm import optim
 from mocosfl_jax import parallel
-from mocosfl_jax import queue as queue_lib
-from mocosfl_jax import schedules
-from mocosfl_jax import sync as sync_lib
-from mocosfl_jax.plan import StepConfig, is_sync_step
-from mocosfl_jax.state import ClientState, ServerState
+from mocosfl_jax.algorithm import queue as queue_lib
+from mocosfl_jax.algorithm import schedules
+from mocosfl_jax.algorithm import sync as sync_lib
+from mocosfl_jax.algorithm.plan import StepConfig, is_sync_step
+from mocosfl_jax.algorithm.state import ClientState, ServerState
 
 PyTree = Any
 

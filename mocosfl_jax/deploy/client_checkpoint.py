@@ -1,6 +1,6 @@
 """Reads one client's slice (online or momentum copy, one client or their average) from a run.
 
-Training writes `<workdir>/checkpoints/<step>/{state,meta}` through mocosfl_jax.checkpoints
+Training writes `<workdir>/checkpoints/<step>/{state,meta}` through mocosfl_jax.run.checkpoints
 (state = {'clients': ClientState, 'server': ServerState, ...}, every ClientState leaf with a leading
 client axis N; meta JSON with 'model' = SplitConfig.to_dict(), 'step' and 'dataset' = {name, mean,
 std, ...}). Export needs only `clients/<copy>`, so we restore that subtree alone (orbax partial
@@ -21,7 +21,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from mocosfl_jax import checkpoints
+from mocosfl_jax.run import checkpoints
 from mocosfl_jax.models import SplitConfig, build
 
 COPIES = ("online", "momentum")

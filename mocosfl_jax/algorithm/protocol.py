@@ -12,12 +12,12 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
-from mocosfl_jax import losses
-from mocosfl_jax import optim
+from mocosfl_jax.algorithm import losses
+from mocosfl_jax.algorithm import optim
 from mocosfl_jax import parallel
-from mocosfl_jax import step as step_lib
-from mocosfl_jax.plan import StepConfig
-from mocosfl_jax.state import ClientState, ServerState
+from mocosfl_jax.algorithm import step as step_lib
+from mocosfl_jax.algorithm.plan import StepConfig
+from mocosfl_jax.algorithm.state import ClientState, ServerState
 
 PyTree = Any
 

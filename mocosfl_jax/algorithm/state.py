@@ -17,9 +17,10 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from mocosfl_jax import optim, parallel
-from mocosfl_jax import queue as queue_lib
-from mocosfl_jax.plan import StepConfig
+from mocosfl_jax.algorithm import optim
+from mocosfl_jax import parallel
+from mocosfl_jax.algorithm import queue as queue_lib
+from mocosfl_jax.algorithm.plan import StepConfig
 
 PyTree = Any
 

@@ -14,7 +14,7 @@ import math
 
 import jax.numpy as jnp
 
-from mocosfl_jax.plan import StepConfig
+from mocosfl_jax.algorithm.plan import StepConfig
 
 SERVER_GAMMA = 0.1
 CLIENT_GAMMA = 0.2
