@@ -81,3 +81,16 @@ def parse_arg(arg: str | None, defaults: dict) -> dict:
       raise ValueError(f"config argument {key!r} is unknown; valid: {sorted(defaults)}")
     out[key] = type(defaults[key])(value)
   return out
+
+
+def with_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of `config` with every field `get_config` defines (missing ones at their default).
+
+  Unknown fields are an error naming them. Used on configs read back from older runs.
+  """
+  c = get_config()
+  unknown = sorted(set(config.keys()) - set(c.keys()))
+  if unknown:
+    raise ValueError(f"config has unknown fields {unknown}; valid: {sorted(c.keys())}")
+  c.update(config)
+  return c

@@ -1,31 +1,33 @@
-"""How the pool's client work is mapped: vmap on one device, or shard_map over a device mesh.
+"""The simulated step on the whole federation: the pool's rows in and out, over one or many devices.
 
-    par = ClientParallel()                                  # vmap over the pool (default)
-    par = ClientParallel('vmap', chunk=10)                  # lax.map over chunks of 10 clients
-    par = ClientParallel('shard_map', mesh=client_mesh())   # pool sharded over every device
-    step.train_step(net, cfg, clients, server, ..., par=par)
+    state = parallel.create_train_state(net, cfg, key)                  # one device
+    state, metrics = parallel.train_step(net, cfg, state, pool, views_q, views_k, epoch, b)
 
-shard_map: the pool axis is split over a 1-D mesh axis 'clients' (each device runs its local
-clients with vmap, or chunks of them with lax.map, inside), the server is replicated, and FedAvg
-is a psum over the axis. A pool that does not divide by the device count is padded with masked
-clients: they compute on zeros, are cut off before the server, excluded from FedAvg and never
-written back. `client_chunk` bounds memory: only one chunk's activations are live at a time
-(the chunk function is rematerialised in the backward pass).
+    mesh = parallel.client_mesh()                                       # every device
+    par = parallel.ClientParallel('shard_map', mesh=mesh)
+    state = parallel.create_train_state(net, cfg, key, mesh=mesh)
+    state, metrics = parallel.train_step(..., par=par)
 
-The pool's client state moves between the client-ordered state [N] and the pool-ordered slots
-[P'] in D ppermute rounds (`gather_pool` / `scatter_pool`), so a device holds its own clients
-and its own slots, never the whole pool.
+`train_step` wraps the pure per-pool step (algorithm/step.py): it gathers the pool's rows from
+the state of all N clients, pads the pool with masked clients up to a multiple of the device
+count, runs the step, writes the rows back (other clients stay bit-identical) and, on sync
+steps, gives every client the average. With full participation (`pool=None`: all clients in
+natural order) the rows are the state itself, read and written in place.
+
+On a mesh the pool axis is split over the 'clients' axis (algorithm/mapping.py), the server is
+replicated, and the pool's rows move between the client-ordered state [N] and the pool-ordered
+slots [P'] in D ppermute rounds (`gather_pool` / `scatter_pool`), so a device holds its own
+clients and its own slots, never the whole pool. Padding clients compute on zeros, are cut off
+before the server, excluded from FedAvg and never written back.
 
 Multi-host: `maybe_initialize_distributed` calls `jax.distributed.initialize` when asked by the
-config or the environment, before any other JAX call. The state is initialised with its
-shardings (state.init_state(mesh=...)) and the training images are placed one row per client
-(data.sampler.TrainImages.sharded_by_client), so each process's devices hold only their own
-clients' state and images (see bench/README.md for the two-process commands).
+config or the environment, before any other JAX call; the state is created with its shardings
+and the training images are placed one row per client (`place_images_by_client`), so each
+process's devices hold only their own clients' state and images.
 """
-import dataclasses
-import math
+import functools
 import os
-from typing import Any, Callable, Optional
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -33,58 +35,142 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-AXIS = 'clients'
-MODES = ('vmap', 'shard_map')
+from mocosfl_jax.algorithm import state as state_lib
+from mocosfl_jax.algorithm import step as step_lib
+from mocosfl_jax.algorithm.mapping import AXIS, MODES, ClientParallel, client_mesh
+from mocosfl_jax.algorithm.plan import StepConfig
+from mocosfl_jax.algorithm.state import TrainState
+from mocosfl_jax.data.sampler import TrainImages
+
+__all__ = ['AXIS', 'MODES', 'ClientParallel', 'client_mesh', 'create_train_state', 'train_step',
+           'train_step_fn']
 PyTree = Any
 
 
-def client_mesh(devices=None) -> Mesh:
-  """1-D mesh with axis 'clients' over `devices` (default: all devices of all processes).
+# ---- the step on the whole federation ----------------------------------------------------------
 
-  Auto axis type: plain jit/GSPMD keeps working around the shard_map (toolchain.md §4).
+def train_step_fn(net, cfg: StepConfig, state: TrainState, pool: Optional[jax.Array],
+                  views_q: jax.Array, views_k: jax.Array, epoch, batch_idx,
+                  sync: Optional[jax.Array] = None, par: Optional[ClientParallel] = None):
+  """One simulated step on the state of all N clients (un-jitted; see `train_step`).
+
+  Args:
+    net, cfg: split network and StepConfig (static).
+    state: TrainState of all N clients.
+    pool: int32 [P] distinct client ids of this epoch's pool, in pool order; or None for all N
+      clients in natural order (pool_size == num_clients, what `plan.sample_pool` gives then):
+      the state is then updated in place, without the gather and scatter of every client's
+      state (and on several devices the rounds that move it).
+    views_q, views_k: float [P, B, H, W, C] normalised query / key views per pool position.
+    epoch, batch_idx, sync: as `step.train_step`.
+    par: how client work is mapped (ClientParallel, static); None = vmap, all at once.
+
+  Returns:
+    (state, metrics) as `step.train_step`.
   """
-  devices = jax.devices() if devices is None else list(devices)
-  return jax.make_mesh((len(devices),), (AXIS,), axis_types=(jax.sharding.AxisType.Auto,),
-                       devices=devices)
+  natural = pool is None
+  if natural:
+    if cfg.pool_size != cfg.num_clients:
+      raise ValueError(f'pool=None means all {cfg.num_clients} clients in natural order, but '
+                       f'pool_size={cfg.pool_size}; pass the pool\'s client ids.')
+    pool = jnp.arange(cfg.num_clients, dtype=jnp.int32)
+  _check_inputs(cfg, pool, views_q, views_k)
+  par = ClientParallel() if par is None else par
+  pool = jnp.asarray(pool, jnp.int32)
+  p_pad = par.padded(cfg.pool_size)   # shard_map: masked padding clients up to a multiple of D
+  ids, mask = pad_pool(pool, cfg.num_clients, p_pad)
+  views_q, views_k = pad_rows(views_q, p_pad), pad_rows(views_k, p_pad)
+  in_place = natural and mask is None   # pool slot j is client j: no gather / scatter
+
+  clients = state.clients
+  rows = clients if in_place else gather_pool(par, clients, ids)
+  new, metrics = step_lib.train_step(
+      net, cfg, state.replace(clients=rows), views_q, views_k, jnp.asarray(epoch, jnp.int32),
+      batch_idx, sync, pool=pool, mask=mask, par=par)
+  if in_place:
+    return new, metrics
+  clients = scatter_pool(par, clients, new.clients, ids)
+  # Sync step: every pool row now holds the average; the other clients get it too.
+  clients = lax.cond(metrics['synced'] > 0,
+                     lambda c: _give_all(c, new.clients, cfg.momentum_sync), lambda c: c, clients)
+  return new.replace(clients=clients), metrics
 
 
-@dataclasses.dataclass(frozen=True)
-class ClientParallel:
-  """Static choice of how the step maps its per-client work (hashable: a jit static argument).
+@functools.partial(jax.jit, static_argnums=(0, 1), static_argnames=('par',), donate_argnums=(2,))
+def train_step(net, cfg: StepConfig, state: TrainState, pool: Optional[jax.Array],
+               views_q: jax.Array, views_k: jax.Array, epoch, batch_idx,
+               sync: Optional[jax.Array] = None, par: Optional[ClientParallel] = None):
+  """Jitted `train_step_fn` (same arguments); `net`, `cfg`, `par` static; the state donated.
 
-  Attributes:
-    mode: 'vmap' (one device) or 'shard_map' (pool split over `mesh`'s 'clients' axis).
-    chunk: 0 runs all (local) clients at once; k > 0 runs them k at a time with lax.map
-      (memory-bounded: one chunk's activations live at once, rematerialised for the backward).
-    mesh: the mesh for 'shard_map' (None: `client_mesh()` over all devices).
+  Pass epoch / batch_idx as int32 arrays (e.g. jnp.int32(e)) and keep `sync` either always None
+  or always an array, so every step reuses one compiled executable.
   """
-  mode: str = 'vmap'
-  chunk: int = 0
-  mesh: Optional[Mesh] = None
-
-  def __post_init__(self):
-    if self.mode not in MODES:
-      raise ValueError(f'client_parallel={self.mode!r}; valid: {MODES}.')
-    if not isinstance(self.chunk, int) or self.chunk < 0:
-      raise ValueError(f'client_chunk={self.chunk!r} must be an int >= 0 (0 = all at once).')
-    if self.mode == 'shard_map' and self.mesh is None:
-      object.__setattr__(self, 'mesh', client_mesh())
-    if self.mesh is not None and AXIS not in self.mesh.axis_names:
-      raise ValueError(f'mesh axes {self.mesh.axis_names} lack the {AXIS!r} axis.')
-
-  @property
-  def num_shards(self) -> int:
-    return self.mesh.shape[AXIS] if self.mode == 'shard_map' else 1
-
-  def padded(self, pool_size: int) -> int:
-    """Pool size rounded up to a multiple of the shard count (masked padding clients)."""
-    return math.ceil(pool_size / self.num_shards) * self.num_shards
+  return train_step_fn(net, cfg, state, pool, views_q, views_k, epoch, batch_idx, sync, par)
 
 
-def from_config(client_parallel: str = 'vmap', client_chunk: int = 0) -> ClientParallel:
-  """ClientParallel from the config fields `client_parallel` and `client_chunk`."""
-  return ClientParallel(client_parallel, int(client_chunk))
+def _give_all(clients, rows, momentum_sync: bool):
+  """Every client's online (and with momentum sync, momentum) vars := pool row 0's."""
+  n = clients.count.shape[0]
+  every = lambda t: jax.tree.map(lambda x: jnp.broadcast_to(x[0][None], (n,) + x.shape[1:]), t)
+  clients = clients.replace(online=every(rows.online))
+  if momentum_sync:
+    clients = clients.replace(momentum=every(rows.momentum))
+  return clients
 
+
+def _check_inputs(cfg: StepConfig, pool, views_q, views_k) -> None:
+  """Static shape checks (trace time) so misuse fails with a readable ValueError."""
+  p, b = cfg.pool_size, cfg.batch_size
+  if tuple(pool.shape) != (p,):
+    raise ValueError(f'pool has shape {tuple(pool.shape)}, expected ({p},) = (pool_size,).')
+  for name, v in (('views_q', views_q), ('views_k', views_k)):
+    if v.ndim != 5 or tuple(v.shape[:2]) != (p, b):
+      raise ValueError(f'{name} has shape {tuple(v.shape)}, expected ({p}, {b}, H, W, C) = '
+                       '(pool_size, batch_size, ...).')
+
+
+# ---- state and data placement ------------------------------------------------------------------
+
+def create_train_state(net, cfg: StepConfig, key: jax.Array,
+                       mesh: Optional[Mesh] = None) -> TrainState:
+  """Initial TrainState, deterministic in `key` (the values do not depend on `mesh`).
+
+  With `mesh`, it is compiled with `state_shardings` as outputs, so each device only ever
+  materialises its own clients' rows (multi-host: no process builds the whole [N, ...] state).
+  """
+  if mesh is None:
+    return state_lib.create_train_state(net, cfg, key)
+  return _sharded_init(net, cfg, mesh)(key)
+
+
+@functools.lru_cache(maxsize=8)
+def _sharded_init(net, cfg: StepConfig, mesh: Mesh):
+  shapes = jax.eval_shape(state_lib.init_fn, net, cfg, jax.random.key(0))
+  return jax.jit(functools.partial(state_lib.init_fn, net, cfg),
+                 out_shardings=state_shardings(shapes, mesh))
+
+
+def place_images_by_client(images: np.ndarray, parts: Sequence[np.ndarray],
+                           mesh: Mesh) -> TrainImages:
+  """Training images one row per client [N, max samples, H, W, C], split like the client state.
+
+  Built shard by shard: a process only ever copies the rows its devices hold.
+  """
+  images = np.asarray(images)
+  shape = (len(parts), max(1, max(len(p) for p in parts))) + images.shape[1:]
+  sharding = NamedSharding(mesh, client_spec(shape, mesh))
+
+  def rows(index):
+    ids = range(shape[0])[index[0]]
+    out = np.zeros((len(ids),) + shape[1:], images.dtype)
+    for r, c in enumerate(ids):
+      out[r, :len(parts[c])] = images[np.asarray(parts[c], np.int64)]
+    return out[(slice(None),) + tuple(index[1:])]
+
+  return TrainImages(jax.make_array_from_callback(shape, sharding, rows), True)
+
+
+# ---- the pool's rows ---------------------------------------------------------------------------
 
 def pad_pool(pool: jax.Array, num_clients: int, padded: int):
   """Pool ids padded to `padded` with id N (out of range: gathers clamp, scatters drop).
@@ -106,37 +192,6 @@ def pad_rows(x: jax.Array, padded: int) -> jax.Array:
   if extra == 0:
     return x
   return jnp.concatenate([x, jnp.zeros((extra,) + x.shape[1:], x.dtype)])
-
-
-def _local_map(fn: Callable, chunk: int, args: tuple):
-  lead = jax.tree.leaves(args)[0].shape[0]
-  if chunk <= 0 or chunk >= lead:
-    return jax.vmap(fn)(*args)
-  # Remat: the backward pass keeps only each chunk's inputs, not its activations.
-  return lax.map(jax.checkpoint(lambda a: fn(*a)), args, batch_size=chunk)
-
-
-def map_clients(par: ClientParallel, fn: Callable, *args):
-  """fn mapped over the leading (pool) axis of every arg: vmap / lax.map chunks / shard_map."""
-  if par.mode == 'vmap':
-    return _local_map(fn, par.chunk, args)
-  spec = P(AXIS)
-  body = lambda *a: _local_map(fn, par.chunk, a)
-  return jax.shard_map(body, mesh=par.mesh, in_specs=(spec,) * len(args), out_specs=spec,
-                       check_vma=False)(*args)
-
-
-def reduce_clients(par: ClientParallel, fn: Callable, *args):
-  """fn(*local stacked args) -> tree of local partial sums, psum'ed over the mesh if sharded."""
-  if par is None or par.mode == 'vmap':
-    return fn(*args)
-  spec = P(AXIS)
-
-  def body(*a):
-    return jax.tree.map(lambda x: lax.psum(x, AXIS), fn(*a))
-
-  return jax.shard_map(body, mesh=par.mesh, in_specs=(spec,) * len(args), out_specs=P(),
-                       check_vma=False)(*args)
 
 
 def gather_pool(par: Optional[ClientParallel], tree: PyTree, ids: jax.Array) -> PyTree:
@@ -226,11 +281,13 @@ def client_spec(shape, mesh: Mesh) -> P:
   return P(AXIS) if len(shape) and shape[0] % mesh.shape[AXIS] == 0 else P()
 
 
-def state_shardings(clients: PyTree, server: PyTree, mesh: Mesh):
-  """(client shardings, server shardings) for state trees of arrays or ShapeDtypeStructs:
-  clients split on their leading axis (`client_spec`), the server replicated."""
-  return (jax.tree.map(lambda x: NamedSharding(mesh, client_spec(x.shape, mesh)), clients),
-          jax.tree.map(lambda x: NamedSharding(mesh, P()), server))
+def state_shardings(state: TrainState, mesh: Mesh) -> TrainState:
+  """Shardings of a TrainState of arrays or ShapeDtypeStructs: clients split on their leading
+  axis (`client_spec`), the server replicated."""
+  return state.replace(
+      clients=jax.tree.map(lambda x: NamedSharding(mesh, client_spec(x.shape, mesh)),
+                           state.clients),
+      server=jax.tree.map(lambda x: NamedSharding(mesh, P()), state.server))
 
 
 def shard_clients(tree: PyTree, mesh: Mesh) -> PyTree:

@@ -6,7 +6,7 @@ import pytest
 
 from mocosfl_jax import config
 from mocosfl_jax.algorithm import plan
-from mocosfl_jax.run import train
+from mocosfl_jax import experiment
 from mocosfl_jax.models import SplitConfig, build
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -25,7 +25,7 @@ def test_config_file_is_valid(path):
   module = _load(path)
   assert module.__doc__ and "python -m mocosfl_jax.main" in module.__doc__
   config = module.get_config()
-  train.check_config(config)
+  experiment.check_fields(config)
   build(SplitConfig(arch=config.arch, cut=config.cut, width=config.width, head=config.head,
                     bottleneck=config.bottleneck,
                     input_size=32 if config.image_size == -1 else config.image_size))

@@ -169,22 +169,23 @@ def test_client_side_weight_standardisation_is_rematerialised(monkeypatch):
   for a step with 8 ResNet-18 clients at cut 9 is below the same step keeping them, by more
   than the clients' parameters (compiled only, nothing runs)."""
   import contextlib  # pylint: disable=g-import-not-at-top
-  from mocosfl_jax.algorithm import plan, state, step  # pylint: disable=g-import-not-at-top
+  from mocosfl_jax import parallel  # pylint: disable=g-import-not-at-top
+  from mocosfl_jax.algorithm import plan, state  # pylint: disable=g-import-not-at-top
   net = build(SplitConfig(arch="resnet18", cut=9, head="V1"))
   cfg = plan.StepConfig(num_clients=8, batch_size=1, queue_size=32, steps_per_epoch=4,
                         avg_freq=2)
-  shapes = jax.eval_shape(state._init_state, net, cfg, jax.random.key(0))  # pylint: disable=protected-access
+  shapes = jax.eval_shape(state.init_fn, net, cfg, jax.random.key(0))
   views = jax.ShapeDtypeStruct((8, 1, 32, 32, 3), jnp.float32)
 
   def scratch():   # a fresh jit each time: no trace is shared between the two settings
-    fn = jax.jit(lambda *a: step.train_step_fn(*a), static_argnums=(0, 1), donate_argnums=(2, 3))
-    return fn.lower(net, cfg, *shapes, None, views, views, jnp.int32(0),
+    fn = jax.jit(lambda *a: parallel.train_step_fn(*a), static_argnums=(0, 1), donate_argnums=(2,))
+    return fn.lower(net, cfg, shapes, None, views, views, jnp.int32(0),
                     jnp.int32(0)).compile().memory_analysis().temp_size_in_bytes
 
   remat = scratch()
   monkeypatch.setattr(L, "remat_weight_standardisation", contextlib.nullcontext)
   kept = scratch()
-  params = sum(x.size * 4 for x in jax.tree.leaves(shapes[0].online["params"]))
+  params = sum(x.size * 4 for x in jax.tree.leaves(shapes.clients.online["params"]))
   assert remat < kept - params, (remat, kept, params)
 
 

@@ -11,20 +11,26 @@ import pytest
 from core_testlib import fast_compile  # noqa: F401  pylint: disable=unused-import
 from core_testlib import assert_states_close, case, copy_tree, pool_for, tiny_net, views
 from mocosfl_jax import parallel
-from mocosfl_jax.algorithm import plan, state, step, sync
+from mocosfl_jax.algorithm import plan, state, sync
+from mocosfl_jax.data import sampler
 
 pytestmark = pytest.mark.usefixtures('fast_compile')
 SCHEDULE = ((0, 0), (0, 1), (1, 0))      # b=1 is a sync step (S=4, avg 2)
 
 
-def _run(net, cfg, cs, ss, par):
+def _run(net, cfg, st, par):
   ms = []
   for i, (e, b) in enumerate(SCHEDULE):
     vq, vk = views(cfg, net, i)
-    cs, ss, m = step.train_step(net, cfg, cs, ss, pool_for(cfg, e), vq, vk, jnp.int32(e),
+    st, m = parallel.train_step(net, cfg, st, pool_for(cfg, e), vq, vk, jnp.int32(e),
                                 jnp.int32(b), par=par)
     ms.append(m)
-  return cs, ss, ms
+  return st.clients, st.server, ms
+
+
+def _shard(st, mesh):
+  return st.replace(clients=parallel.shard_clients(st.clients, mesh),
+                    server=parallel.replicate(st.server, mesh))
 
 
 # moco_original_full: P=3 on 4 devices (one masked padding client, server BatchNorm);
@@ -38,12 +44,11 @@ def test_shard_map_equals_vmap(name, chunk, devices):
   assert jax.device_count() >= 4, 'conftest forces 4 CPU devices'
   mesh = parallel.client_mesh(jax.devices()[:devices])
   net, cfg = case(name)
-  cs, ss = state.init_state(net, cfg, jax.random.key(0))
-  ref = _run(net, cfg, copy_tree(cs), copy_tree(ss), None)
+  st = state.create_train_state(net, cfg, jax.random.key(0))
+  ref = _run(net, cfg, copy_tree(st), None)
   par = parallel.ClientParallel('shard_map', chunk=chunk, mesh=mesh)
   assert par.padded(cfg.pool_size) == max(devices, cfg.pool_size)
-  got = _run(net, cfg, parallel.shard_clients(copy_tree(cs), mesh),
-             parallel.replicate(copy_tree(ss), mesh), par)
+  got = _run(net, cfg, _shard(copy_tree(st), mesh), par)
   assert_states_close(got[:2], ref[:2])
   np.testing.assert_array_equal(got[0].count, ref[0].count)   # padding clients never counted
   for g, r in zip(got[2], ref[2]):
@@ -57,21 +62,21 @@ def test_natural_order_pool_in_place_equals_gathered_pool(devices):
   """pool=None (all clients, natural order) skips the gather/scatter and changes nothing."""
   net, cfg = case('monaco_two_view_sampled')
   cfg = dataclasses.replace(cfg, sample_ratio=1.0, pool_size=4, queue_size=16)
-  cs, ss = state.init_state(net, cfg, jax.random.key(5))
+  st = state.create_train_state(net, cfg, jax.random.key(5))
   par = None
   if devices:
     mesh = parallel.client_mesh(jax.devices()[:devices])
     par = parallel.ClientParallel('shard_map', mesh=mesh)
-    cs, ss = parallel.shard_clients(cs, mesh), parallel.replicate(ss, mesh)
+    st = _shard(st, mesh)
 
   def run(pool):
-    c, s, losses = copy_tree(cs), copy_tree(ss), []
+    s, losses = copy_tree(st), []
     for i, (e, b) in enumerate(SCHEDULE):
       vq, vk = views(cfg, net, i)
-      c, s, m = step.train_step(net, cfg, c, s, pool, vq, vk, jnp.int32(e), jnp.int32(b),
-                                par=par)
+      s, m = parallel.train_step(net, cfg, s, pool, vq, vk, jnp.int32(e), jnp.int32(b),
+                                 par=par)
       losses.append(float(m['loss']))
-    return c, s, losses
+    return s.clients, s.server, losses
 
   got, ref = run(None), run(jnp.arange(4, dtype=jnp.int32))
   assert_states_close(got[:2], ref[:2])
@@ -81,17 +86,17 @@ def test_natural_order_pool_in_place_equals_gathered_pool(devices):
 
 def test_natural_order_pool_needs_full_participation():
   net, cfg = case('monaco_two_view_sampled')             # P = 2 of N = 4
-  cs, ss = state.init_state(net, cfg, jax.random.key(5))
+  st = state.create_train_state(net, cfg, jax.random.key(5))
   vq, vk = views(cfg, net, 0)
   with pytest.raises(ValueError, match='natural order'):
-    step.train_step(net, cfg, cs, ss, None, vq, vk, jnp.int32(0), jnp.int32(0))
+    parallel.train_step(net, cfg, st, None, vq, vk, jnp.int32(0), jnp.int32(0))
 
 
 def test_client_chunks_equal_vmap():
   net, cfg = case('moco_original_full')       # P=3, chunk 2: one full chunk and a remainder
-  cs, ss = state.init_state(net, cfg, jax.random.key(1))
-  ref = _run(net, cfg, copy_tree(cs), copy_tree(ss), None)
-  got = _run(net, cfg, copy_tree(cs), copy_tree(ss), parallel.ClientParallel('vmap', chunk=2))
+  st = state.create_train_state(net, cfg, jax.random.key(1))
+  ref = _run(net, cfg, copy_tree(st), None)
+  got = _run(net, cfg, copy_tree(st), parallel.ClientParallel('vmap', chunk=2))
   assert_states_close(got[:2], ref[:2])
 
 
@@ -139,23 +144,24 @@ def test_pool_gather_and_scatter_under_shard_map_equal_plain_indexing(num_client
 
 
 def test_sharded_init_and_images_hold_only_each_devices_clients():
-  """init_state(mesh=...) equals the plain init, and neither it nor the by-client image table
-  ever puts more than a device's own clients on a device."""
-  from mocosfl_jax.data import sampler  # pylint: disable=g-import-not-at-top
+  """create_train_state(mesh=...) equals the plain init, and neither it nor the by-client image
+  table ever puts more than a device's own clients on a device."""
   mesh = parallel.client_mesh()
   net = tiny_net(head='V1')
   cfg = plan.StepConfig(num_clients=64, batch_size=1, queue_size=256)   # 16 clients a device
   key = jax.random.key(4)
-  ref = state.init_state(net, cfg, key)
-  got = state.init_state(net, cfg, key, mesh=mesh)
+  ref = parallel.create_train_state(net, cfg, key)
+  got = parallel.create_train_state(net, cfg, key, mesh=mesh)
   chex.assert_trees_all_equal(got, ref)
-  for leaf in jax.tree.leaves(got[0]):
+  for leaf in jax.tree.leaves(got.clients):
     assert {s.data.shape[0] for s in leaf.addressable_shards} == {16}
   # Per device, the compiled init writes a quarter of the client state (and the server), and
   # needs no more scratch than the unsharded init: no device ever builds all 64 clients.
-  client_bytes, server_bytes = (parallel.addressable_bytes(t) for t in ref)
-  sharded = state.sharded_init_fn(net, cfg, mesh).lower(key).compile().memory_analysis()
-  plain = state._init_state.lower(net, cfg, key).compile().memory_analysis()  # pylint: disable=protected-access
+  client_bytes, server_bytes = (parallel.addressable_bytes(t) for t in (ref.clients, ref.server))
+  shardings = parallel.state_shardings(jax.eval_shape(state.init_fn, net, cfg, key), mesh)
+  sharded = jax.jit(state.init_fn, static_argnums=(0, 1), out_shardings=shardings).lower(
+      net, cfg, key).compile().memory_analysis()
+  plain = state.create_train_state.lower(net, cfg, key).compile().memory_analysis()
   assert sharded.output_size_in_bytes < server_bytes + 0.3 * client_bytes
   assert plain.output_size_in_bytes > server_bytes + 0.95 * client_bytes
   assert sharded.temp_size_in_bytes <= plain.temp_size_in_bytes
@@ -163,7 +169,7 @@ def test_sharded_init_and_images_hold_only_each_devices_clients():
   rng = np.random.default_rng(0)
   images = rng.integers(0, 255, (40, 8, 8, 3), dtype=np.uint8)
   parts = [np.arange(0, 10), np.arange(10, 13), np.arange(13, 30), np.arange(30, 40)]
-  rows = sampler.TrainImages.sharded_by_client(images, parts, mesh)
+  rows = parallel.place_images_by_client(images, parts, mesh)
   for s in rows.images.addressable_shards:
     c = s.index[0].start
     np.testing.assert_array_equal(s.data[0, :len(parts[c])], images[parts[c]])
@@ -180,7 +186,7 @@ def test_bad_settings_raise():
   with pytest.raises(ValueError, match='client_chunk'):
     parallel.ClientParallel('vmap', chunk=-1)
   with pytest.raises(ValueError, match='client_parallel'):
-    parallel.from_config('threads', 0)
+    parallel.ClientParallel('threads', 0)
 
 
 def test_distributed_init_only_when_asked(monkeypatch):

@@ -1,4 +1,4 @@
-"""Tests for mocosfl_jax.algorithm.state.init_state."""
+"""Tests for mocosfl_jax.algorithm.state.create_train_state."""
 import chex
 import jax
 import jax.numpy as jnp
@@ -21,9 +21,10 @@ def _cfg(**kw):
   return StepConfig(**base)
 
 
-def test_init_state_clients_identical_and_targets_are_copies():
+def test_create_train_state_clients_identical_and_targets_are_copies():
   net = tiny_net(client_bn=True, server_bn=True)
-  cs, ss = state.init_state(net, _cfg(), jax.random.key(0))
+  st = state.create_train_state(net, _cfg(), jax.random.key(0))
+  cs, ss = st.clients, st.server
   for leaf in jax.tree.leaves((cs.online, cs.momentum, cs.opt_state)):
     assert leaf.shape[0] == 3
     for i in (1, 2):
@@ -38,16 +39,17 @@ def test_init_state_clients_identical_and_targets_are_copies():
   assert cs.count.dtype == jnp.int32 and cs.draws.dtype == jnp.int32
   chex.assert_shape(ss.queue, (24, net.key_dim))
   np.testing.assert_allclose(jnp.linalg.norm(ss.queue, axis=1), np.ones(24), rtol=1e-5)
-  assert ss.ptr.shape == () and int(ss.step) == 0 and cs.extra == {} and ss.extra == {}
+  assert ss.ptr.shape == () and int(ss.step) == 0
+  assert st.tx is state.optimizer(_cfg())          # one static optimizer per config
 
 
-def test_init_state_per_client_queues_and_determinism():
+def test_create_train_state_per_client_queues_and_determinism():
   net = tiny_net()
   cfg = _cfg(feature_sharing=False)
-  cs, ss = state.init_state(net, cfg, jax.random.key(1))
+  cs, ss = (lambda st: (st.clients, st.server))(state.create_train_state(net, cfg, jax.random.key(1)))
   chex.assert_shape(ss.queue, (3, 8, net.key_dim))
   chex.assert_shape(ss.ptr, (3,))
-  cs2, ss2 = state.init_state(net, cfg, jax.random.key(1))
-  chex.assert_trees_all_equal((cs, ss), (cs2, ss2))
-  cs3, _ = state.init_state(net, cfg, jax.random.key(2))
+  st2 = state.create_train_state(net, cfg, jax.random.key(1))
+  chex.assert_trees_all_equal((cs, ss), (st2.clients, st2.server))
+  cs3 = state.create_train_state(net, cfg, jax.random.key(2)).clients
   assert not np.array_equal(jax.tree.leaves(cs3.online)[0], jax.tree.leaves(cs.online)[0])

@@ -1,5 +1,6 @@
-"""Tests for mocosfl_jax.algorithm.step: vmapped fused step == Python loop over clients, sync semantics,
-masking of non-participants, no recompilation, determinism."""
+"""Tests for the fused step (algorithm/step.py through parallel.train_step): vmapped step ==
+Python loop over clients running the per-party functions, sync semantics, masking of
+non-participants, no recompilation, determinism."""
 import math
 
 import chex
@@ -10,7 +11,8 @@ import pytest
 
 from core_testlib import fast_compile  # noqa: F401  pylint: disable=unused-import
 from core_testlib import CASES, assert_states_close, case, copy_tree, pool_for, views
-from mocosfl_jax.algorithm import plan, protocol, state, step
+from mocosfl_jax import parallel
+from mocosfl_jax.algorithm import parties, plan, state
 from mocosfl_jax.algorithm.state import ClientState
 
 SCHEDULE = ((0, 0), (0, 1), (1, 0))      # (epoch, batch_idx); b=1 is a sync step (S=4, avg 2)
@@ -28,13 +30,14 @@ def _lr(cfg, count, epoch):
   return cfg.c_lr * 0.2 ** sum(t >= m for m in marks)
 
 
-_fwd = jax.jit(protocol.client_forward, static_argnums=(0, 1))
-_bwd = jax.jit(protocol.client_backward, static_argnums=(0, 1))
-_srv = jax.jit(protocol.server_step, static_argnums=(0, 1))
+_fwd = jax.jit(parties.client_send, static_argnums=(0, 1))
+_bwd = jax.jit(parties.client_receive, static_argnums=(0, 1, 2))
+_srv = jax.jit(parties.server_step, static_argnums=(0, 1, 2))
 
 
-def loop_step(net, cfg, cs, ss, pool, vq, vk, epoch, b):
+def loop_step(net, cfg, st, pool, vq, vk, epoch, b):
   """Reference-style step: Python loops over the pool with unbatched client functions."""
+  cs, ss, tx = st.clients, st.server, st.tx
   n = cfg.num_clients
   per = [list(jax.tree.map(lambda x, i=i: x[i], (cs.online, cs.momentum, cs.opt_state)))
          for i in range(n)]
@@ -46,11 +49,11 @@ def loop_step(net, cfg, cs, ss, pool, vq, vk, epoch, b):
     per[c][0], per[c][1] = on, mom
     aq.append(a_q)
     ak.append(a_k)
-  ss, grads, m = _srv(net, cfg, ss, jnp.stack(aq), jnp.stack(ak), jnp.array(pool, jnp.int32),
+  ss, grads, m = _srv(net, cfg, tx, ss, jnp.stack(aq), jnp.stack(ak), jnp.array(pool, jnp.int32),
                       jnp.int32(epoch))
   for j, c in enumerate(pool):                        # sequential client backward + SGD
     lr = _lr(cfg, count[c], epoch) * float(cs.lr_scale[c])
-    per[c][0], per[c][2] = _bwd(net, cfg, per[c][0], per[c][2], vq[j], vk[j], grads[j],
+    per[c][0], per[c][2] = _bwd(net, cfg, tx, per[c][0], per[c][2], vq[j], vk[j], grads[j],
                                 jnp.float32(lr))      # residual=None: recompute forward
     count[c] += 1
     draws[c] += 1
@@ -65,25 +68,25 @@ def loop_step(net, cfg, cs, ss, pool, vq, vk, epoch, b):
   stack = lambda k: jax.tree.map(lambda *xs: jnp.stack(xs), *[p[k] for p in per])
   cs = ClientState(online=stack(0), momentum=stack(1), opt_state=stack(2),
                    count=jnp.array(count), draws=jnp.array(draws), lr_scale=cs.lr_scale)
-  return cs, ss, m
+  return st.replace(clients=cs, server=ss), m
 
 
-def _run(fn, net, cfg, cs, ss, schedule=SCHEDULE, seed=0):
+def _run(fn, net, cfg, st, schedule=SCHEDULE, seed=0):
   metrics = []
   for i, (e, b) in enumerate(schedule):
     vq, vk = views(cfg, net, seed + i)
-    cs, ss, m = fn(net, cfg, cs, ss, pool_for(cfg, e), vq, vk, jnp.int32(e), jnp.int32(b))
+    st, m = fn(net, cfg, st, pool_for(cfg, e), vq, vk, jnp.int32(e), jnp.int32(b))
     metrics.append(m)
-  return cs, ss, metrics
+  return st.clients, st.server, metrics
 
 
 @pytest.mark.parametrize('name', sorted(CASES))
 def test_vmapped_step_equals_python_loop(name):
   net, cfg = case(name)
-  cs, ss = state.init_state(net, cfg, jax.random.key(0))
-  init_cs = copy_tree(cs)
-  ref_cs, ref_ss, ref_m = _run(loop_step, net, cfg, copy_tree(cs), copy_tree(ss))
-  got_cs, got_ss, got_m = _run(step.train_step, net, cfg, cs, ss)
+  st = state.create_train_state(net, cfg, jax.random.key(0))
+  init_cs = copy_tree(st.clients)
+  ref_cs, ref_ss, ref_m = _run(loop_step, net, cfg, copy_tree(st))
+  got_cs, got_ss, got_m = _run(parallel.train_step, net, cfg, st)
   assert_states_close((got_cs, got_ss), (ref_cs, ref_ss))
   np.testing.assert_array_equal(got_cs.count, ref_cs.count)
   for g, r in zip(got_m, ref_m):
@@ -102,20 +105,21 @@ def test_vmapped_step_equals_python_loop(name):
         got_ss.ptr, np.asarray(got_cs.count) * cfg.keys_per_client % cfg.client_queue_size)
 
 
-def _one_step(net, cfg, cs, ss, b, e=0):
+def _one_step(net, cfg, st, b, e=0):
   vq, vk = views(cfg, net, 0)
-  return step.train_step(net, cfg, copy_tree(cs), copy_tree(ss), pool_for(cfg, e), vq, vk,
-                         jnp.int32(e), jnp.int32(b))
+  return parallel.train_step(net, cfg, copy_tree(st), pool_for(cfg, e), vq, vk, jnp.int32(e),
+                             jnp.int32(b))
 
 
 @pytest.mark.parametrize('name', ['monaco_two_view_sampled', 'moco_original_full'])
 def test_sync_writes_pool_means_to_all_clients(name):
   net, cfg = case(name)
-  cs, ss = state.init_state(net, cfg, jax.random.key(0))
-  cs, ss, _ = _one_step(net, cfg, cs, ss, b=0)        # clients differ after one local step
+  st = state.create_train_state(net, cfg, jax.random.key(0))
+  st, _ = _one_step(net, cfg, st, b=0)                 # clients differ after one local step
   pool = np.asarray(pool_for(cfg, 0))
-  local, _, m0 = _one_step(net, cfg, cs, ss, b=2)      # not a sync step: pre-sync values
-  synced, _, m1 = _one_step(net, cfg, cs, ss, b=3)     # sync step, same inputs
+  local, m0 = _one_step(net, cfg, st, b=2)             # not a sync step: pre-sync values
+  synced, m1 = _one_step(net, cfg, st, b=3)            # sync step, same inputs
+  local, synced = local.clients, synced.clients
   assert float(m0['synced']) == 0.0 and float(m1['synced']) == 1.0
   assert float(m1['div_online_global']) > 0 and float(m1['div_online_momentum']) > 0
   pool_mean = lambda t: jax.tree.map(lambda x: jnp.mean(x[pool], axis=0), t)
@@ -133,13 +137,13 @@ def test_sync_writes_pool_means_to_all_clients(name):
 
 def test_non_participants_bit_identical_and_frozen_client():
   net, cfg = case('monaco_two_view_sampled')
-  cs, ss = state.init_state(net, cfg, jax.random.key(3))
-  cs, ss, _ = _one_step(net, cfg, cs, ss, b=0)
+  st = state.create_train_state(net, cfg, jax.random.key(3))
+  st, _ = _one_step(net, cfg, st, b=0)
   pool = set(np.asarray(pool_for(cfg, 0)).tolist())
   out = set(range(cfg.num_clients)) - pool
   frozen = sorted(pool)[0]
-  cs = cs.replace(lr_scale=cs.lr_scale.at[frozen].set(0.0))
-  new, _, _ = _one_step(net, cfg, cs, ss, b=0)
+  cs = st.clients.replace(lr_scale=st.clients.lr_scale.at[frozen].set(0.0))
+  new = _one_step(net, cfg, st.replace(clients=cs), b=0)[0].clients
   for i in out:
     for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(cs)):
       np.testing.assert_array_equal(a[i], b[i])
@@ -152,26 +156,24 @@ def test_non_participants_bit_identical_and_frozen_client():
 def test_second_call_does_not_recompile_and_is_deterministic():
   net, cfg = case('monaco_two_view_sampled')
   schedule = ((0, 0), (0, 1), (1, 2), (2, 3))           # sync and non-sync, new epochs/pools
-  cs, ss = state.init_state(net, cfg, jax.random.key(5))
-  before = step.train_step._cache_size()
-  a = _run(step.train_step, net, cfg, copy_tree(cs), copy_tree(ss), schedule)
-  # Outputs fed back as inputs (dtypes, weak types, shardings) hit the same executable:
-  # at most the first call of this test compiled (0 if an earlier test already did).
-  assert step.train_step._cache_size() - before <= 1
-  after = step.train_step._cache_size()
-  b = _run(step.train_step, net, cfg, cs, ss, schedule)
-  assert step.train_step._cache_size() == after
+  st = state.create_train_state(net, cfg, jax.random.key(5))
+  # Outputs fed back as inputs (dtypes, weak types, shardings) and a fresh state of the same
+  # config hit the same executable: the step is traced once over both runs.
+  once = jax.jit(chex.assert_max_traces(parallel.train_step_fn, n=1), static_argnums=(0, 1),
+                 static_argnames=('par',), donate_argnums=(2,))
+  a = _run(once, net, cfg, copy_tree(st), schedule)
+  b = _run(once, net, cfg, st, schedule)
   chex.assert_trees_all_equal(a[:2], b[:2])            # same seed -> bit-identical state
   chex.assert_trees_all_equal(a[2], b[2])
 
 
 def test_bad_inputs_raise():
   net, cfg = case('moco_original_full')
-  cs, ss = state.init_state(net, cfg, jax.random.key(0))
+  st = state.create_train_state(net, cfg, jax.random.key(0))
   vq, vk = views(cfg, net, 0)
   with pytest.raises(ValueError, match='pool'):
-    step.train_step(net, cfg, cs, ss, jnp.arange(2, dtype=jnp.int32), vq, vk, jnp.int32(0),
-                    jnp.int32(0))
+    parallel.train_step(net, cfg, st, jnp.arange(2, dtype=jnp.int32), vq, vk, jnp.int32(0),
+                        jnp.int32(0))
   with pytest.raises(ValueError, match='views_q'):
-    step.train_step(net, cfg, cs, ss, pool_for(cfg, 0), vq[:, :1], vk, jnp.int32(0),
-                    jnp.int32(0))
+    parallel.train_step(net, cfg, st, pool_for(cfg, 0), vq[:, :1], vk, jnp.int32(0),
+                        jnp.int32(0))

@@ -7,15 +7,17 @@ import numpy as np
 import pytest
 
 from configs import tiny
+from mocosfl_jax import experiment
 from mocosfl_jax.run import checkpoints, metrics, train
 from mocosfl_jax.algorithm import state as state_lib
 from mocosfl_jax.models import build
 
 
 def _final_state(workdir, config):
-  p = train.resolve(config)
+  p = experiment.resolve(config)
   net = build(p.model)
-  target = dict(zip(("clients", "server"), state_lib.init_state(net, p.step, jax.random.key(0))))
+  st = state_lib.create_train_state(net, p.step, jax.random.key(0))
+  target = {"clients": st.clients, "server": st.server}
   with checkpoints.Checkpointer(workdir / "checkpoints", read_only=True) as ckpt:
     return ckpt.restore(p.num_steps, target).state
 
@@ -89,18 +91,18 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
 @pytest.mark.parametrize("field,value,match", [
     ("cut", 9, r"config.cut=9: resnet_tiny has cuts 1..4"),
     ("queue_size", 8, r"queue_size=8 is smaller than the 16 keys enqueued per step"),
-    ("sample_ratio", 1.5, r"config.sample_ratio=1.5: must be in \(0, 1\]"),
-    ("sample_ratio", 0.0, r"config.sample_ratio=0.0: must be in \(0, 1\]"),
+    ("sample_ratio", 1.5, r"config.sample_ratio=1.5 must be in \(0, 1\]"),
+    ("sample_ratio", 0.0, r"config.sample_ratio=0.0 must be in \(0, 1\]"),
     ("dataset", "mnist", r"config.dataset='mnist': unknown; valid"),
-    ("conv_impl", "fft", r"config.conv_impl='fft': unknown; valid"),
-    ("client_parallel", "pmap", r"config.client_parallel='pmap': valid"),
-    ("client_chunk", -2, r"config.client_chunk=-2: must be an int >= 0"),
+    ("conv_impl", "fft", r"config.conv_impl='fft' is unknown; valid"),
+    ("client_parallel", "pmap", r"config.client_parallel='pmap'; valid"),
+    ("client_chunk", -2, r"config.client_chunk=-2 must be an int >= 0"),
 ])
 def test_invalid_config_fails_before_compilation_naming_the_field(field, value, match):
   config = tiny.get_config()
   config[field] = value
   with pytest.raises(ValueError, match=match):
-    train.resolve(config)
+    experiment.resolve(config)
 
 
 def test_resume_with_a_changed_config_is_refused(uninterrupted, tmp_path):

@@ -64,8 +64,7 @@ class StepConfig:
   sample_ratio: float = 1.0
 
   def __post_init__(self):
-    if not isinstance(self.sample_ratio, (int, float)) or not 0.0 < self.sample_ratio <= 1.0:
-      raise ValueError(f'sample_ratio={self.sample_ratio!r} must be in (0, 1].')
+    check_sample_ratio(self.sample_ratio)
     if self.pool_size is None:
       object.__setattr__(self, 'pool_size', int(self.sample_ratio * self.num_clients))
     if self.c_lr is None:
@@ -131,6 +130,20 @@ class StepConfig:
            f'{self.client_queue_size} rows are smaller than the {self.keys_per_client} keys each '
            f'client enqueues per step; need queue_size >= '
            f'{self.keys_per_client * self.num_clients}.')
+
+
+def check_sample_ratio(sample_ratio) -> None:
+  """Raises ValueError unless the client sampling ratio r is a number in (0, 1]."""
+  if not isinstance(sample_ratio, (int, float)) or not 0.0 < sample_ratio <= 1.0:
+    raise ValueError(f'sample_ratio={sample_ratio!r} must be in (0, 1].')
+
+
+def sync_now(cfg: StepConfig, batch_idx, sync=None) -> jax.Array:
+  """Bool array: the explicit `sync` flag if given, else the reference rule on the 0-based
+  step within the epoch (`is_sync_step`)."""
+  if sync is None:
+    return is_sync_step(jnp.asarray(batch_idx, jnp.int32), cfg.steps_per_epoch, cfg.avg_freq)
+  return jnp.asarray(sync, bool)
 
 
 def is_sync_step(b, steps_per_epoch: int, avg_freq: int):

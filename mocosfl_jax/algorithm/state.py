@@ -1,24 +1,19 @@
-"""Training state as pytrees: stacked per-client state and server state (spec §1.1, §11.2).
+"""Training state as pytrees: the stacked state of all clients, the server's state, and both.
 
-Every ClientState leaf has a leading client axis N. All clients start identical (the reference
-deep-copies one randomly initialised client net N times) and every target (momentum) net starts
-as a copy of its online net. Copies are real copies, so both halves can be donated to the step.
-
-Room for later extensions without changing the step signature:
-* `ClientState.lr_scale` [N] multiplies each client's LR (0 freezes a client, e.g. TAResSFL's
-  c_lr = 0 deployment);
-* `ClientState.extra` / `ServerState.extra` dicts (pytrees) for e.g. hetero batch masks or
-  attacker state; the step passes them through unchanged.
+Every `ClientState` leaf has a leading client axis N. All clients start identical (the reference
+deep-copies one randomly initialised client net N times) and every momentum net starts as a copy
+of its online net. Copies are real copies, so every buffer can be donated to the step.
+`ClientState.lr_scale` [N] multiplies each client's learning rate (0 freezes a client).
 """
 import functools
-from typing import Any, Optional, Tuple
+from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+import optax
 
 from mocosfl_jax.algorithm import optim
-from mocosfl_jax import parallel
 from mocosfl_jax.algorithm import queue as queue_lib
 from mocosfl_jax.algorithm.plan import StepConfig
 
@@ -27,16 +22,15 @@ PyTree = Any
 
 @flax.struct.dataclass
 class ClientState:
-  """Stacked state of all N clients (leading axis N on every leaf).
+  """Stacked state of clients (leading client axis on every leaf: all N, or a pool's rows).
 
   Attributes:
     online: client online variables {'params', 'batch_stats'}.
-    momentum: client target (momentum) variables, same structure.
-    opt_state: per-client SGD state (momentum buffers); persists across FedAvg (§1.7).
-    count: int32 [N] participations so far (the reference's per-participation scheduler counter).
-    draws: int32 [N] batches drawn so far (for a per-client data sampler).
-    lr_scale: float32 [N] multiplier of the client LR (1: normal, 0: frozen client).
-    extra: free-form pytree dict for later extensions.
+    momentum: client momentum (target) variables, same structure.
+    opt_state: per-client SGD state (momentum buffers); kept across FedAvg, as the reference.
+    count: int32 participations so far (the reference's per-participation scheduler counter).
+    draws: int32 batches drawn so far (the per-client data sampler's position).
+    lr_scale: float32 multiplier of the client learning rate (1: normal, 0: frozen client).
   """
   online: PyTree
   momentum: PyTree
@@ -44,12 +38,11 @@ class ClientState:
   count: jax.Array
   draws: jax.Array
   lr_scale: jax.Array
-  extra: dict = flax.struct.field(default_factory=dict)
 
 
 @flax.struct.dataclass
 class ServerState:
-  """Server W, target W', optimizer state, key queue(s) and counters.
+  """Server W, momentum W', optimizer state, key queue(s) and counters.
 
   Attributes:
     online / momentum: server variables {'params', 'batch_stats'}.
@@ -58,7 +51,6 @@ class ServerState:
     ptr: int32 scalar (shared) or int32 [N] (per-client) write pointer(s).
     step: int32 global steps taken.
     epoch: int32 0-based epoch of the last step.
-    extra: free-form pytree dict for later extensions.
   """
   online: PyTree
   momentum: PyTree
@@ -67,7 +59,19 @@ class ServerState:
   ptr: jax.Array
   step: jax.Array
   epoch: jax.Array
-  extra: dict = flax.struct.field(default_factory=dict)
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a step reads and writes: the clients, the server, and the optimizer (static).
+
+  `tx` is the learning-rate-free PyTorch SGD of both sides (optim.make_sgd); learning rates come
+  from the schedules each step. Checkpoints store {'clients', 'server'}: `tx` follows from the
+  run's config.
+  """
+  clients: ClientState
+  server: ServerState
+  tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
 
 
 def _copy(tree: PyTree) -> PyTree:
@@ -78,31 +82,21 @@ def _stack(tree: PyTree, n: int) -> PyTree:
   return jax.tree.map(lambda x: jnp.repeat(jnp.asarray(x)[None], n, axis=0), tree)
 
 
-def init_state(net, cfg: StepConfig, key: jax.Array,
-               mesh: Optional[jax.sharding.Mesh] = None) -> Tuple[ClientState, ServerState]:
-  """Initial (ClientState, ServerState) for `net` under `cfg`, deterministic in `key`.
-
-  Runs as one jitted computation (one compile instead of hundreds of eager op dispatches).
-  With `mesh`, it is compiled with the shardings of `parallel.state_shardings` as outputs, so
-  each device only ever materialises its own clients' rows (multi-host: no process builds the
-  whole [N, ...] state); the values equal the unsharded init.
-  """
-  if mesh is None:
-    return _init_state(net, cfg, key)
-  return sharded_init_fn(net, cfg, mesh)(key)
+def optimizer(cfg: StepConfig) -> optax.GradientTransformation:
+  """The run's SGD of both sides: one object per (momentum, weight_decay), so every TrainState
+  of a run has the same static part and jitted steps compile once."""
+  return _sgd(cfg.momentum, cfg.weight_decay)
 
 
-@functools.lru_cache(maxsize=8)
-def sharded_init_fn(net, cfg: StepConfig, mesh: jax.sharding.Mesh):
-  """jit(key -> state) whose outputs carry `parallel.state_shardings` (see `init_state`)."""
-  shapes = jax.eval_shape(_init_state, net, cfg, jax.random.key(0))
-  return jax.jit(functools.partial(_init_body, net, cfg),
-                 out_shardings=parallel.state_shardings(*shapes, mesh))
+@functools.lru_cache(maxsize=None)
+def _sgd(momentum: float, weight_decay: float) -> optax.GradientTransformation:
+  return optim.make_sgd(momentum, weight_decay)
 
 
-def _init_body(net, cfg: StepConfig, key: jax.Array) -> Tuple[ClientState, ServerState]:
+def init_fn(net, cfg: StepConfig, key: jax.Array) -> TrainState:
+  """The initial TrainState (un-jitted; `create_train_state` jits it)."""
   k_client, k_server, k_queue = jax.random.split(key, 3)
-  tx = optim.make_sgd(cfg.momentum, cfg.weight_decay)
+  tx = optimizer(cfg)
   n = cfg.num_clients
 
   client_vars = dict(net.init_client(k_client))
@@ -133,7 +127,14 @@ def _init_body(net, cfg: StepConfig, key: jax.Array) -> Tuple[ClientState, Serve
       step=jnp.zeros((), jnp.int32),
       epoch=jnp.zeros((), jnp.int32),
   )
-  return clients, server
+  return TrainState(clients=clients, server=server, tx=tx)
 
 
-_init_state = jax.jit(_init_body, static_argnums=(0, 1))
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def create_train_state(net, cfg: StepConfig, key: jax.Array) -> TrainState:
+  """Initial TrainState for `net` under `cfg`, deterministic in `key`, as one jitted computation.
+
+  On a device mesh, `parallel.create_sharded_train_state` builds the same values with each
+  device holding only its own clients' rows.
+  """
+  return init_fn(net, cfg, key)

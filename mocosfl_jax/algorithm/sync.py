@@ -1,4 +1,4 @@
-"""FedAvg of client models and the MonAcoSFL divergence metrics (spec §1.8, §2.1, §2.3).
+"""FedAvg of client models and the MonAcoSFL divergence metrics.
 
 The per-client body `fedavg_client` uses `lax.pmean(x, 'clients')`, so the same function runs
 under `jax.vmap(..., axis_name='clients')` over the pool (`fedavg_pool`) and under
@@ -11,7 +11,8 @@ client's model size apart); the dot product reads the same bytes at ~30 GB/s. At
 cut 9 (0.9 GB of online models) the sync fell from 1.63 s to 0.22 s (bench/README.md).
 
 Deliberate deviation: the reference's `average_weights` starts from client 0's state dict and
-adds pool[1:], so under client sampling client 0's stale weights replace pool[0]'s (§1.8, §10.2).
+adds pool[1:], so under client sampling client 0's stale weights replace pool[0]'s
+(docs/reference.md).
 We average exactly the pool. The whole variables dict is averaged (params and BN running stats,
 as the reference averages buffers); divergences are measured on 'params' only (S skips BN
 buffers too).
@@ -22,10 +23,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from mocosfl_jax import parallel
+from mocosfl_jax.algorithm.mapping import AXIS, ClientParallel, reduce_clients
 
 PyTree = Any
-AXIS = 'clients'
 DIVERGENCE_KEYS = ('div_online_global', 'div_online_momentum', 'div_momentum_global')
 
 
@@ -103,7 +103,7 @@ def fedavg_masked(par, online_pool: PyTree, momentum_pool: PyTree, mask: Optiona
                   sync_momentum: bool):
   """FedAvg over the real (mask 1; None = all) clients of a possibly padded, sharded pool.
 
-  `par` is a parallel.ClientParallel (None: vmap): under 'shard_map' every device sums its local
+  `par` is a ClientParallel (None: vmap): under 'shard_map' every device sums its local
   clients as a dot product with the mask and
   the sums are psum'ed over the 'clients' axis (the pmean of `fedavg_client`, weighted by the
   mask so padding clients count for nothing). Same results as `fedavg_pool` up to float
@@ -118,7 +118,7 @@ def fedavg_masked(par, online_pool: PyTree, momentum_pool: PyTree, mask: Optiona
   def sums(on, mom, m):
     return dict(n=jnp.sum(m), on=_wsum(on, m), mom=_wsum(mom, m))
 
-  s = parallel.reduce_clients(par, sums, online_pool, momentum_pool, mask)
+  s = reduce_clients(par, sums, online_pool, momentum_pool, mask)
   n = s['n']
 
   def mean(tot, full):
@@ -142,7 +142,31 @@ def fedavg_masked(par, online_pool: PyTree, momentum_pool: PyTree, mask: Optiona
 
   if jax.tree.leaves(p_avg_on):
     metrics = {k: v / n for k, v in
-               parallel.reduce_clients(par, divs, online_pool, momentum_pool, mask).items()}
+               reduce_clients(par, divs, online_pool, momentum_pool, mask).items()}
   else:
     metrics = {k: jnp.zeros((), jnp.float32) for k in DIVERGENCE_KEYS}
   return avg_on, (avg_mom if sync_momentum else None), metrics
+
+
+def fedavg_if(sync, clients, sync_momentum: bool, mask: Optional[jax.Array] = None,
+              par: Optional[ClientParallel] = None):
+  """FedAvg of the pool's clients (stacked ClientState rows) when `sync` is true.
+
+  Every row's online variables (MonAcoSFL: and momentum variables) become the average of the
+  real rows (`mask`, None = all). `lax.cond`, so one compiled step serves sync and non-sync
+  steps. Returns (clients, metrics): the divergences, measured before averaging, and 0 when
+  there is no sync.
+  """
+  rows = jax.tree.leaves(clients.online)[0].shape[0]
+
+  def do_sync(cl):
+    avg_on, avg_mom, m = fedavg_masked(par, cl.online, cl.momentum, mask, sync_momentum)
+    cl = cl.replace(online=broadcast_clients(avg_on, rows))
+    if sync_momentum:
+      cl = cl.replace(momentum=broadcast_clients(avg_mom, rows))
+    return cl, {k: v.astype(jnp.float32) for k, v in m.items()}
+
+  def no_sync(cl):
+    return cl, {k: jnp.zeros((), jnp.float32) for k in DIVERGENCE_KEYS}
+
+  return lax.cond(jnp.asarray(sync, bool), do_sync, no_sync, clients)

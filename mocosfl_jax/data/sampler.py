@@ -142,23 +142,6 @@ class TrainImages:
   def flat(cls, images: np.ndarray) -> "TrainImages":
     return cls(jnp.asarray(images), False)
 
-  @classmethod
-  def sharded_by_client(cls, images: np.ndarray, parts: Sequence[np.ndarray], mesh) -> "TrainImages":
-    """Rows built shard by shard: a process only ever copies the rows its devices hold."""
-    from mocosfl_jax import parallel  # data does not otherwise depend on the step's modules
-    images = np.asarray(images)
-    shape = (len(parts), max(1, max(len(p) for p in parts))) + images.shape[1:]
-    sharding = jax.sharding.NamedSharding(mesh, parallel.client_spec(shape, mesh))
-
-    def rows(index):
-      ids = range(shape[0])[index[0]]
-      out = np.zeros((len(ids),) + shape[1:], images.dtype)
-      for r, c in enumerate(ids):
-        out[r, :len(parts[c])] = images[np.asarray(parts[c], np.int64)]
-      return out[(slice(None),) + tuple(index[1:])]
-
-    return cls(jax.make_array_from_callback(shape, sharding, rows), True)
-
   def batch(self, table: ClientTable, client_ids, draws, batch_size: int, key) -> jax.Array:
     """uint8 [P, B, H, W, C]: the next batch of each listed client (see `batch_indices`)."""
     client_ids = jnp.asarray(client_ids, jnp.int32)

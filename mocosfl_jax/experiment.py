@@ -1,0 +1,139 @@
+"""What a run config resolves to: data, partition, model, step config and client mapping.
+
+    exp = experiment.resolve(config)      # checks every field, loads and partitions the data
+    net = models.build(exp.model)
+
+This is the one place where a config (configs/*.py, mocosfl_jax/config.py's fields) is checked
+and turned into the static objects the library runs on. Fields that belong to one of those
+objects are checked by it, once (`SplitConfig` by models.validate, `StepConfig` by its own
+validate, `ClientParallel` by its constructor); the rest are checked here. Errors are
+ValueErrors that name the field, its value and what is allowed.
+"""
+import dataclasses
+import math
+
+import ml_collections
+
+from mocosfl_jax import config as config_lib
+from mocosfl_jax.algorithm import plan
+from mocosfl_jax.algorithm.mapping import ClientParallel
+from mocosfl_jax.data import partition as partition_lib
+from mocosfl_jax.data import sources
+from mocosfl_jax.models import SplitConfig, num_layers, validate as validate_model
+
+AUGMENTATIONS = ("mocov2", "mocov1", "none")
+FINAL_PROTOCOLS = ("knn", "linear", "semi")
+
+
+@dataclasses.dataclass(frozen=True)
+class AugSpec:
+  """Static augmentation settings (hashable so the jitted step can close over them)."""
+  pipeline: str
+  mean: tuple
+  std: tuple
+  crop_scale: tuple = (0.08, 1.0)
+
+
+@dataclasses.dataclass
+class Experiment:
+  """Everything derived from a config before any compilation."""
+  config: ml_collections.ConfigDict      # every field present (defaults filled in)
+  model: SplitConfig
+  step: plan.StepConfig
+  par: ClientParallel
+  aug: AugSpec
+  num_steps: int
+  eval_every: int
+  train: sources.ArrayDataset
+  val: sources.ArrayDataset
+  test: sources.ArrayDataset
+  parts: list
+
+
+def _need(cond, field, value, msg):
+  if not cond:
+    raise ValueError(f"config.{field}={value!r}: {msg}")
+
+
+def check_fields(c: ml_collections.ConfigDict) -> None:
+  """Checks the fields that no library object owns (see the module docstring)."""
+  _need(c.dataset in sources.DATASETS, "dataset", c.dataset, f"unknown; valid: {sources.DATASETS}")
+  n = _as_config_error(num_layers, c.arch)
+  _need(c.cut <= n, "cut", c.cut,
+        f"{c.arch} has cuts 1..{n} (cut {n} puts the whole backbone on the client)")
+  _need(c.num_clients >= 1, "num_clients", c.num_clients, "must be >= 1")
+  _need(c.batch_size >= 1, "batch_size", c.batch_size, "must be >= 1")
+  _need(0.0 <= c.val_fraction < 1.0, "val_fraction", c.val_fraction, "must be in [0, 1)")
+  _need(c.augmentation in AUGMENTATIONS, "augmentation", c.augmentation,
+        f"valid: {', '.join(AUGMENTATIONS)}")
+  _need(0.0 < c.crop_min_scale <= 1.0, "crop_min_scale", c.crop_min_scale, "must be in (0, 1]")
+  _need(c.flavour in plan.FLAVOURS, "flavour", c.flavour, f"valid: {plan.FLAVOURS}")
+  for p in filter(None, c.final_protocols.split(",")):
+    _need(p in FINAL_PROTOCOLS, "final_protocols", c.final_protocols,
+          f"comma list of {', '.join(FINAL_PROTOCOLS)}")
+
+
+def _as_config_error(fn, *args, **kwargs):
+  """fn(...), its ValueError ("field=value ...") re-raised as "config.field=value ..."."""
+  try:
+    return fn(*args, **kwargs)
+  except ValueError as e:
+    raise ValueError(f"config.{e}") from None
+
+
+def resolve(config: ml_collections.ConfigDict) -> Experiment:
+  """Checks the config, loads and partitions the data, derives S, E, P and the step config."""
+  c = config_lib.with_defaults(config)
+  check_fields(c)
+  par = _as_config_error(ClientParallel, c.client_parallel, c.client_chunk)
+  _as_config_error(plan.check_sample_ratio, c.sample_ratio)
+  num_epochs, batch_size, avg_freq = c.num_epochs, c.batch_size, c.avg_freq
+  sample_ratio, queue_size = c.sample_ratio, c.queue_size
+  if c.auto_adjust:
+    adj = plan.auto_adjust(c.num_clients, c.flavour, batch_size=c.batch_size,
+                           num_epochs=c.num_epochs, queue_size=c.queue_size,
+                           feature_sharing=c.feature_sharing)
+    batch_size, avg_freq, sample_ratio = adj["batch_size"], adj["avg_freq"], adj["sample_ratio"]
+    num_epochs, queue_size = adj["num_epochs"], adj["queue_size"]
+  elif sample_ratio < 1.0:
+    num_epochs = plan.sampling_epochs(num_epochs, sample_ratio)  # reference: E x int(1/r)
+
+  image_size = None if c.image_size == -1 else c.image_size
+  data_dir = c.data_dir or None
+  full_train = sources.load(c.dataset, "train", data_dir=data_dir, image_size=image_size)
+  test = sources.load(c.dataset, "test", data_dir=data_dir, image_size=image_size)
+  if c.val_fraction > 0:
+    train, val = sources.holdout(full_train, c.val_fraction, c.seed)
+  else:
+    train, val = full_train, test
+  model = SplitConfig(arch=c.arch, cut=c.cut, input_size=train.input_size,
+                      bottleneck=c.bottleneck, head=c.head, ws=c.ws, c_residual=c.c_residual,
+                      width=c.width, conv_impl=c.conv_impl)
+  _as_config_error(validate_model, model)
+
+  labelled = train.labels >= 0
+  _need(labelled.all() or c.partition == "iid", "partition", c.partition,
+        "unlabelled training data (stl10) can only be split 'iid'")
+  parts = partition_lib.partition(
+      train.labels, c.num_clients, method=c.partition, noniid_ratio=c.noniid_ratio,
+      alpha=c.dirichlet_alpha, data_proportion=c.data_proportion, seed=c.seed,
+      num_classes=train.num_classes)
+  smallest = min(len(p) for p in parts)
+  _need(smallest >= batch_size, "batch_size", batch_size,
+        f"the smallest client holds {smallest} samples; lower batch_size or num_clients")
+  steps_per_epoch = math.ceil(len(parts[0]) / batch_size)  # reference: len(client 0's loader)
+
+  step_cfg = _as_config_error(
+      plan.StepConfig,
+      num_clients=c.num_clients, batch_size=batch_size, queue_size=queue_size,
+      temperature=c.temperature, loss_form=c.loss_form, momentum_sync=c.momentum_sync,
+      tau=c.tau, lr=c.lr, c_lr=None if c.c_lr < 0 else c.c_lr, momentum=c.momentum,
+      weight_decay=c.weight_decay, lr_schedule=c.lr_schedule,
+      client_schedule=c.client_schedule, num_epochs=num_epochs,
+      steps_per_epoch=steps_per_epoch, avg_freq=min(avg_freq, steps_per_epoch),
+      feature_sharing=c.feature_sharing, sample_ratio=sample_ratio)
+  num_steps = c.num_steps if c.num_steps > 0 else num_epochs * steps_per_epoch
+  eval_every = c.eval_every_steps if c.eval_every_steps > 0 else steps_per_epoch
+  aug = AugSpec(c.augmentation, tuple(map(float, train.mean)), tuple(map(float, train.std)),
+                (float(c.crop_min_scale), 1.0))
+  return Experiment(c, model, step_cfg, par, aug, num_steps, eval_every, train, val, test, parts)
