@@ -1,6 +1,6 @@
 """Times `two_views` (both MoCo views) for a [clients, batch] block of uint8 images.
 
-Default: 100 clients x batch 1 at 32x32, mocov2 (the reference's CIFAR-10 setting, spec §6.3).
+Default: 100 clients x batch 1 at 32x32, mocov2 (the reference's 100-client CIFAR-10 setting).
 Reports compile time and the median of repeated jitted calls; writes bench/results/augment.json.
 
   python bench/augment_bench.py [--clients 100 --batch 1 --size 32 --pipeline mocov2 --repeats 50]

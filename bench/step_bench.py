@@ -15,9 +15,10 @@ own subprocess), compile time, recompilations across steps/syncs/epochs, and the
 Grid entries are CLIENTS[@POOL]:CUT; images per step are 100 (B = 100 // POOL, at least 1),
 ResNet-18, V2 head, K 6000, original symmetric loss, synthetic CIFAR-shaped data. Each setting
 runs in its own subprocess (clean memory high-water mark) with GLIBC_TUNABLES=
-glibc.malloc.hugetlb=1 (2 MiB pages for XLA's large temporaries: page faults were up to 70% of
-a big concat here) unless --no-hugetlb. --threads 1 pins to one core (taskset) and turns off
-XLA's multi-threaded Eigen. Writes bench/results/step_<threads>t.json (see bench/README.md).
+glibc.malloc.hugetlb=1 (2 MiB pages for XLA's large temporaries, which it allocates afresh on
+every call: with 4 KiB pages the page faults can cost more than the work; bench/README.md)
+unless --no-hugetlb. --threads 1 pins to one core (taskset) and turns off XLA's multi-threaded
+Eigen. Writes bench/results/step_<threads>t.json (see bench/README.md).
 """
 import argparse
 import json

@@ -82,7 +82,7 @@ def plot(reports, path):
   x = range(len(labels))
   axes[0].bar([i - 0.2 for i in x], ours, 0.4, label='JAX step (this repo)')
   axes[0].bar([i + 0.2 for i in x], ref, 0.4, label='PyTorch reference-shaped step, same run')
-  # The reference's own figures as given in issue 7 (PyTorch reference code, this machine type).
+  # The reference code's own figures on this machine type (README.md, "Speed and scale").
   axes[0].axhspan(10, 15, color='grey', alpha=0.2, label='reference code, 2 threads (issue 7)')
   axes[0].axhline(6.5, color='grey', ls='--', lw=1, label='reference code, 1 thread (issue 7)')
   axes[0].set_ylabel('images / s (100 images per step)')

@@ -2,9 +2,10 @@
 
     python -m mocosfl_jax.main --config configs/mobilenetv2.py:paper=mocosfl,noniid=0.2 --workdir runs/mbv2
 
-MocoSFL: N 100, auto_adjust, cut 2, lr 0.03, non-IID 1.0 or 0.2 (spec §6.3). MonAcoSFL: N 20,
+MocoSFL: N 100, auto_adjust, cut 2, lr 0.03, non-IID 1.0 or 0.2 (its scripts). MonAcoSFL: N 20,
 B 20, 25% sampled, avg_freq 10, original (two-term) symmetric loss, momentum sync (its
 mobilenet_20_clients script). Paper figure: the MobileNetV2 rows of the respective papers.
+Settings: docs/reference.md, 'Paper settings' and 'MonAcoSFL scripts'.
 """
 from mocosfl_jax import config
 

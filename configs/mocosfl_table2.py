@@ -4,11 +4,14 @@
         --workdir runs/t2_5c_cut1_noniid --config.data_dir=~/tensorflow_datasets
 
 Arguments (comma list after ':'): clients 5|20, cut 1|2, noniid 1.0|0.2, dataset cifar10|cifar100.
-5 clients use the reference's auto_adjust (B 20, avg_freq 10, 500 steps/epoch, 200 epochs);
-20 clients use B 20, 25% sampled per epoch, avg_freq 10 (E becomes 800, sync every 12 steps).
+5 clients use the reference's auto_adjust (B 20, avg_freq 10, 200 epochs); 20 clients use B 20,
+25% sampled per epoch, avg_freq 10 (E becomes 800). With --config.val_fraction=0 (every training
+image goes to the clients, as in the reference) that is 500 or 125 steps per epoch, a sync every
+50 or 12 steps and 100k steps of 100 images; the default 10% validation hold-out makes each about
+10% smaller (docs/reference.md, 'Step-count invariant of the provided configurations').
 Paper figure to expect: the matching row of MocoSFL's Table 2 (ICLR 2023), linear probe on
-CIFAR; our spec records no per-row numbers, so compare against the paper's PDF. Needs a GPU:
-100 images per step, 100k steps (spec §1.15). Prepare CIFAR first (README).
+CIFAR; the reference repository holds no per-row numbers, so compare against the paper. Needs a
+GPU. Prepare CIFAR first (README).
 """
 from mocosfl_jax import config
 

@@ -4,11 +4,12 @@
 
 Arguments: clients 5|20|200, cut 1..9, noniid (default 0.2), dataset cifar10|cifar100,
 sync_momentum 1|0 (0 = the "plain MocoSFL" baseline of that repo, same two-view loss).
-As the M/G scripts (spec §2.4): lr 0.06, V2, two-view symmetric loss, seed 1138; 5 clients use
-M's auto_adjust (B = 12 // 5 = 2, avg_freq 100); 20 clients B 20, 25% sampled, avg_freq 10;
-200 clients auto_adjust (B 1, 50% sampled, avg_freq 5). Paper figure to expect: MonAcoSFL's
-gains over MocoSFL grow with the cut (MocoSFL degrades "catastrophically" at deep cuts,
-non-IID); the repos hold no numeric table, so compare with the paper (ECML PKDD 2024).
+As the MonAcoSFL scripts (docs/reference.md, 'MonAcoSFL scripts'): lr 0.06, V2, two-view
+symmetric loss, seed 1138; 5 clients use M's auto_adjust (B = 12 // 5 = 2, avg_freq 100);
+20 clients B 20, 25% sampled, avg_freq 10; 200 clients auto_adjust (B 1, 50% sampled,
+avg_freq 5). Paper figure to expect: MonAcoSFL's gains over MocoSFL grow with the cut
+(MocoSFL degrades "catastrophically" at deep cuts, non-IID); the repos hold no numeric table, so
+compare with the paper (ECML PKDD 2024).
 """
 from mocosfl_jax import config
 

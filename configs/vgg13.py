@@ -1,8 +1,9 @@
-"""VGG-13, cut 2, 100 clients with auto_adjust; lr 0.03 IID, 0.02 non-IID 0.2 (spec §6.3).
+"""VGG-13, cut 2, 100 clients with auto_adjust; lr 0.03 IID, 0.02 non-IID 0.2 (reference scripts).
 
     python -m mocosfl_jax.main --config configs/vgg13.py:noniid=0.2 --workdir runs/vgg13
 
-Paper figure: MocoSFL's VGG-13 rows (not recorded in our spec).
+Paper figure: MocoSFL's VGG-13 rows (compare with the paper; docs/reference.md, 'Published
+figures').
 """
 from mocosfl_jax import config
 

@@ -1,6 +1,9 @@
-"""Every field of a run, with the reference's defaults (spec §6.1); configs/*.py override a few.
+"""Every field of a run and its default; configs/*.py override a few.
 
 Lives in the package (not configs/) so config files import it wherever the package is installed.
+The defaults are the MocoSFL scripts' 5-client cross-silo setting (CIFAR-10, ResNet-18 cut 1,
+B 20, avg_freq 10, lr 0.06), not the reference's bare command-line defaults; docs/reference.md,
+'Argument defaults', maps every reference argument to its field here.
 
     python -m mocosfl_jax.main --config configs/default.py --workdir runs/x --config.num_clients=5
 

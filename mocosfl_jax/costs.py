@@ -31,7 +31,10 @@ FLOAT_BYTES = 4
 
 @dataclasses.dataclass(frozen=True)
 class Traffic:
-  """What a client exchanges; the reference's calculator settings are the defaults (spec §7)."""
+  """What a client exchanges; the reference calculator's settings are the defaults.
+
+  See docs/reference.md, 'Cost accounting', for that calculator and how our counts differ.
+  """
   batch_size: int = 1
   samples_per_client: int = 50
   epochs: int = 200

@@ -57,7 +57,8 @@ def _syncs(s, f):
 def test_sync_rule_matches_reference_examples():
   # 5 clients, S=500, avg_freq=10: every 50 steps, last one is b = S-1.
   assert _syncs(500, 10) == list(range(49, 500, 50))
-  # 20 clients: S=125, avg_freq=10 -> period 12, plus the end of the epoch (§1.15 "every 12").
+  # 20 clients: S=125, avg_freq=10 -> period 12, plus the end of the epoch (docs/reference.md,
+  # 'Step-count invariant of the provided configurations').
   assert _syncs(125, 10) == list(range(11, 125, 12)) + [124]
   assert _syncs(4, 2) == [1, 3]
   assert _syncs(5, 1) == [4]

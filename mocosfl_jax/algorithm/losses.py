@@ -6,7 +6,8 @@ params) gives exactly the gradients of the split protocol: client-target feature
 target is `stop_gradient` (clients get gradient from term 1 only).
 
 The reference's batch-shuffle of keys (shuffle rows, run W', unshuffle) is dropped: on one device
-with GroupNorm, or BN over the whole batch, it is a mathematical no-op (§1.4, §10.9).
+with GroupNorm, or BN over the whole batch, it is a mathematical no-op. The forms and their
+reference are described in docs/reference.md, 'Server loss'.
 """
 from typing import Any, Optional, Tuple
 
@@ -132,7 +133,7 @@ def server_loss(net, loss_form: str, temperature: float, online_vars: dict, mome
   # W' without grad.
   loss1, _, pos1 = info_nce(q1, k2, queue, temperature)
   loss2, acc, pos2 = info_nce(q2, k1, queue, temperature)
-  loss = loss1 + loss2                        # a sum, not a mean (§10.3)
+  loss = loss1 + loss2                        # a sum, not a mean, as the reference
   d = k1.shape[-1]
   aux = dict(online_vars=online_vars, momentum_vars=momentum_vars,
              keys=jnp.concatenate([k1, k2], axis=0),            # k1 block first

@@ -1,11 +1,12 @@
-"""PyTorch-equivalent SGD, masked per-client updates and the parameter EMA (spec §1.3, §1.7).
+"""PyTorch-equivalent SGD, masked per-client updates and the parameter EMA.
 
 PyTorch SGD (dampening 0, no nesterov): g' = g + wd * w; buf = momentum * buf + g' (buf = g' at
 the first step, which a zero-initialised optax trace reproduces); w = w - lr * buf. We build it
 as optax `add_decayed_weights(wd)` + `trace(momentum)` and apply `-lr` ourselves, so the
 learning rate is an ordinary (traced, per-client) array supplied each step rather than state.
-Weight decay covers every parameter, GroupNorm affine and biases included, as the reference
-(§10.10). Only the 'params' collection is optimised; 'batch_stats' are never touched here.
+Weight decay covers every parameter, GroupNorm affine and biases included, as the reference.
+Only the 'params' collection is optimised; 'batch_stats' are never touched here. See
+docs/reference.md, 'Optimisers' and 'Per-step order'.
 """
 from collections.abc import Mapping
 from typing import Any, Tuple
@@ -65,7 +66,7 @@ def where_clients(mask, new: PyTree, old: PyTree) -> PyTree:
 
 
 def ema(target_vars: PyTree, online_vars: PyTree, tau) -> PyTree:
-  """Target <- tau * target + (1 - tau) * online over 'params' only (buffers untouched, §10.9).
+  """Target <- tau * target + (1 - tau) * online over 'params' only (buffers untouched).
 
   Same arithmetic order as the reference (`t * m + o * (1 - m)`). Works on a variables dict
   ({'params', 'batch_stats'}) or, when there is no 'params' key, on a bare parameter tree.

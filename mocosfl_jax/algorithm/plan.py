@@ -1,8 +1,9 @@
 """Static plan of a simulated MocoSFL / MonAcoSFL run: config, sync rule, auto_adjust, pools.
 
-`StepConfig` is a frozen, hashable dataclass so it can be a static argument of the jitted step
-(spec §1, §2, §6, §12). Everything that changes from step to step (epoch, batch index, pool,
-counters) is a traced array instead, so one compiled step serves the whole run.
+`StepConfig` is a frozen, hashable dataclass so it can be a static argument of the jitted step.
+Everything that changes from step to step (epoch, batch index, pool, counters) is a traced array
+instead, so one compiled step serves the whole run. The reference rules implemented here are
+described in docs/reference.md ('Sync rule', 'Client sampling', 'auto_adjust').
 """
 import dataclasses
 from typing import Optional
@@ -22,24 +23,25 @@ class StepConfig:
 
   Attributes:
     num_clients: N, number of clients holding state.
-    pool_size: P, clients per step; None derives int(sample_ratio * N) (spec §1.9).
+    pool_size: P, clients per step; None derives int(sample_ratio * N).
     batch_size: B, images per client per step (before the two-view doubling).
     queue_size: K, shared queue length (per-client queues get K // N rows each).
     temperature: InfoNCE temperature T.
-    loss_form: 'original' (MocoSFL two-term sum, §1.4), 'two_view' (MonAcoSFL [q;k] concat, single
-      mean, §2.2) or 'single' (V1 non-symmetric ℓ(Aq, Ak)).
-    momentum_sync: MonAcoSFL: FedAvg also averages the client momentum (target) nets (§2.1).
+    loss_form: 'original' (MocoSFL two-term sum), 'two_view' (MonAcoSFL [q;k] concat, single
+      mean) or 'single' (V1 non-symmetric ℓ(Aq, Ak)); docs/reference.md, 'Server loss'.
+    momentum_sync: MonAcoSFL: FedAvg also averages the client momentum (target) nets.
     tau: EMA coefficient of client and server targets (0.99, hard-coded in the reference).
     lr: server base learning rate.
     c_lr: client base learning rate; None means `lr` (reference default c_lr = -1).
     momentum: SGD momentum (both sides).
-    weight_decay: SGD weight decay, applied to every parameter as the reference does (§10.10).
+    weight_decay: SGD weight decay, applied to every parameter as the reference does.
     lr_schedule: 'cosine' (V2) or 'multistep' (V1), for server and clients.
-    client_schedule: 'per_participation' (reference quirk §1.7/§10.1: the client scheduler steps
-      once per participation, so chained cosine becomes periodic) or 'per_epoch' (clean).
+    client_schedule: 'per_participation' (reference quirk: the client scheduler steps once per
+      participation, so chained cosine becomes periodic) or 'per_epoch' (clean);
+      docs/reference.md, 'Learning-rate schedules'.
     num_epochs: E after any sampling multiplication (cosine T_max).
     steps_per_epoch: S.
-    avg_freq: FedAvg frequency parameter of the sync rule (§1.8).
+    avg_freq: FedAvg frequency parameter of the sync rule (`is_sync_step`).
     feature_sharing: one shared queue (True, default) or per-client queues.
     sample_ratio: r in (0, 1]; used to derive pool_size.
   """
@@ -88,7 +90,7 @@ class StepConfig:
 
   @property
   def client_queue_size(self) -> int:
-    """Rows of each per-client queue when feature_sharing is False (K // N, spec §1.5)."""
+    """Rows of each per-client queue when feature_sharing is False (K // N, as the reference)."""
     return self.queue_size // self.num_clients
 
   def validate(self) -> None:
@@ -147,7 +149,7 @@ def sync_now(cfg: StepConfig, batch_idx, sync=None) -> jax.Array:
 
 
 def is_sync_step(b, steps_per_epoch: int, avg_freq: int):
-  """Reference FedAvg rule after step b (0-based) of an epoch (spec §1.8).
+  """Reference FedAvg rule after step b (0-based) of an epoch (docs/reference.md, 'Sync rule').
 
   `b == S-1 or b % (S // avg_freq) == S // avg_freq - 1`. Works on Python ints and on traced
   int arrays (returns a bool array then). S // avg_freq == 0 raises instead of dividing by zero.
@@ -163,7 +165,7 @@ def is_sync_step(b, steps_per_epoch: int, avg_freq: int):
 
 
 def sampling_epochs(num_epochs: int, sample_ratio: float) -> int:
-  """E * int(1 / r), as the reference multiplies epochs under sampling (§1.9, quirk §10.11)."""
+  """E * int(1 / r), as the reference multiplies epochs under sampling (int, not 1 / r: a quirk)."""
   return num_epochs * int(1.0 / sample_ratio)
 
 
@@ -171,7 +173,7 @@ def auto_adjust(num_clients: int, flavour: str = 'mocosfl', *, batch_size: Optio
                 num_epochs: int = 200, queue_size: int = 6000, avg_freq: int = 1,
                 sample_ratio: float = 1.0, feature_sharing: bool = True,
                 adjust_batch_for_large: bool = True) -> dict:
-  """The reference's `--auto_adjust` (S: spec §6.2; M: §2.3).
+  """The reference's `--auto_adjust`, S's or M's rules (docs/reference.md, 'auto_adjust').
 
   Args:
     num_clients: N.
@@ -216,7 +218,7 @@ def auto_adjust(num_clients: int, flavour: str = 'mocosfl', *, batch_size: Optio
 
 
 def sample_pool(key: jax.Array, epoch, num_clients: int, pool_size: int) -> jax.Array:
-  """Clients participating during `epoch` (fixed for all S steps of the epoch, spec §1.2).
+  """Clients participating during `epoch` (fixed for all S steps of the epoch, as the reference).
 
   P == N gives range(N) in natural order (as the reference); otherwise P distinct clients in
   random order, a deterministic function of (key, epoch). Returns int32 [P].

@@ -1,4 +1,4 @@
-"""MoCo key queue (feature memory), shared or per client (spec §1.5).
+"""MoCo key queue (feature memory), shared or per client (docs/reference.md, 'Key queue').
 
 Layout differs from the reference on purpose: rows are keys ([K, D]) instead of the reference's
 columns (D x K); the arithmetic is identical. Enqueueing b <= K keys writes rows
@@ -7,7 +7,7 @@ columns (D x K); the arithmetic is identical. Enqueueing b <= K keys writes rows
 Per-client queues ([N, K // N, D], one pointer per client) are *indexed by pool position*: the
 rows of pool position j (client pool[j]) are scored against, and enqueued into, queue pool[j].
 The reference slices rows by client *id* (`[c*B, (c+1)*B)`), which mixes clients up whenever the
-pool is not range(N) (§10.4); it also leaves S's per-client queues unnormalised and drops the k2
+pool is not range(N); it also leaves S's per-client queues unnormalised and drops the k2
 half of the keys with the original symmetric loss. Here per-client queues are L2-normalised at
 init (as M) and each client enqueues all of its own keys (`StepConfig.keys_per_client`).
 """

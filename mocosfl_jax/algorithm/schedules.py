@@ -1,8 +1,9 @@
-"""Learning-rate schedules as pure functions of counters (spec §1.7), usable inside jit.
+"""Learning-rate schedules as pure functions of counters, usable inside jit.
 
 The reference uses PyTorch schedulers stepped at different rates: the server's once per epoch,
-each client's once per *participation* (quirk §10.1). We evaluate the closed forms at the
-counter instead of stepping objects:
+each client's once per *participation* (a quirk we keep by default; docs/reference.md,
+'Learning-rate schedules'). We evaluate the closed forms at the counter instead of stepping
+objects:
 
 * cosine: base * (1 + cos(pi * t / E)) / 2. PyTorch's chained CosineAnnealingLR continues
   periodically past t = E (0 at E, 3E, ...; back to base at 2E, 4E, ...), which this closed form

@@ -1,4 +1,4 @@
-"""Weighted kNN monitor (spec §5.1) and batched feature extraction.
+"""Weighted kNN monitor (docs/reference.md, 'kNN monitor') and batched feature extraction.
 
 The monitor is the InstDisc/MoCo-demo classifier the reference runs every epoch: features are
 L2-normalised, each test query takes its k = 200 most cosine-similar bank entries, weights them by
@@ -120,7 +120,7 @@ def knn_predict(queries, bank, bank_labels, num_classes: int, **kwargs) -> np.nd
 def knn_accuracy(bank, bank_labels, queries, query_labels, num_classes: int, *,
                  k: int = DEFAULT_K, t: float = DEFAULT_T, chunk_size: int = 256,
                  normalize: bool = True) -> float:
-  """Top-1 weighted-kNN accuracy in percent (spec §5.1): bank = train features, queries = test."""
+  """Top-1 weighted-kNN accuracy in percent: bank = train features, queries = test (or val)."""
   query_labels = np.asarray(query_labels)
   if query_labels.shape != (np.shape(queries)[0],):
     raise ValueError(f"query_labels shape {query_labels.shape} must be ({np.shape(queries)[0]},)")

@@ -1,9 +1,10 @@
-"""Linear and semi-supervised probes on frozen, precomputed features (spec §5.2, §5.3).
+"""Linear and semi-supervised probes on frozen, precomputed features.
 
 Arrays in, accuracy (percent) out. Each probe has two recipes:
 
-* 'reference' reproduces the reference scripts, quirks included (spec §10 items 13-15): data in the
-  given order every epoch (no shuffling), Adam 1e-3, LR schedule stepped per *iteration*:
+* 'reference' reproduces the reference scripts, quirks included (docs/reference.md, 'Linear
+  probe' and 'Semi-supervised probe'): data in the given order every epoch (no shuffling),
+  Adam 1e-3, LR schedule stepped per *iteration*:
   - linear: cosine with T_max = epochs // 4 iterations (25 for 100 epochs), so the LR oscillates
     between lr and 0 with a period of 2 * T_max iterations;
   - semi: MultiStep at iterations [int(0.6 E), int(0.8 E)] (60, 80), gamma 0.1, so the LR drops in
@@ -206,7 +207,7 @@ def _probe(probe, key, train_x, train_y, test_x, test_y, num_classes, recipe, ep
 def linear_probe(train_x, train_y, test_x, test_y, num_classes: int, *, key,
                  recipe: str = "reference", epochs: int = 100, batch_size: int = 128,
                  lr: float = 1e-3) -> ProbeResult:
-  """Linear probe (spec §5.2) on frozen features [N, F]; `key` drives init and shuffling.
+  """Linear probe on frozen features [N, F]; `key` drives init and shuffling.
 
   For the 'reference' recipe pass the train features in loader order (the reference's memory
   loader: one fixed random permutation), since that order is used unchanged every epoch.
@@ -230,7 +231,7 @@ def semi_supervised_probe(train_x, train_y, test_x, test_y, num_classes: int, *,
                           fraction: float = 0.1, recipe: str = "reference", epochs: int = 100,
                           batch_size: int = 128, lr: float = 1e-3,
                           hidden: int = 512) -> ProbeResult:
-  """MLP probe trained on a random `fraction` of the labelled train features (spec §5.3)."""
+  """MLP probe trained on a random `fraction` of the labelled train features."""
   subset_key, run_key = jax.random.split(key)
   idx = label_subset(subset_key, int(np.shape(train_x)[0]), fraction)
   if hidden < 1:

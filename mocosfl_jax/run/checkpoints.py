@@ -2,8 +2,9 @@
 
 Why a wrapper: the run needs "latest N for resume + best-by-validation for the final evaluation"
 (orbax's ``max_to_keep`` + ``best_fn`` keeps the N *best* and deletes the newest step, which breaks
-resume; see shared/toolchain.md §5), typed PRNG keys (orbax stores plain arrays only), metadata
-readable without any training code, and error messages that name the offending path / key.
+resume; a preservation policy of ``LatestN`` + ``BestN`` keeps both), typed PRNG keys (orbax
+stores plain arrays only), metadata readable without any training code, and error messages that
+name the offending path / key.
 
 Layout of one step directory ``<directory>/<step>/``:
   state/  the state pytree (StandardSave; typed PRNG keys stored as ``jax.random.key_data``)
@@ -15,8 +16,8 @@ complete (after writing ``commit_success.txt``), so a killed run leaves only a t
 orbax never lists as a step. We additionally treat a numeric step directory without a commit marker
 as incomplete (e.g. copied by hand or written by a non-atomic filesystem): read-only users ignore
 it, writers rename it aside to ``<step>.incomplete-<ns>`` so the step can be written again.
-Difference from the reference (spec §1.13): it keeps only the best-kNN checkpoint; we keep the
-latest N as well, so runs can resume.
+Difference from the reference (docs/reference.md, 'Checkpoint selection'): it keeps only the
+best-kNN checkpoint; we keep the latest N as well, so runs can resume.
 """
 from __future__ import annotations
 
