@@ -145,7 +145,7 @@ def create_train_state(net, cfg: StepConfig, key: jax.Array,
 
 @functools.lru_cache(maxsize=8)
 def _sharded_init(net, cfg: StepConfig, mesh: Mesh):
-  shapes = jax.eval_shape(state_lib.init_fn, net, cfg, jax.random.key(0))
+  shapes = state_lib.abstract_train_state(net, cfg)
   return jax.jit(functools.partial(state_lib.init_fn, net, cfg),
                  out_shardings=state_shardings(shapes, mesh))
 

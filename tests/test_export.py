@@ -30,7 +30,7 @@ from mocosfl_jax.deploy import client_checkpoint, onnx_export  # noqa: E402
 from mocosfl_jax.run import checkpoints  # noqa: E402
 from mocosfl_jax.models import SplitConfig, build  # noqa: E402
 from mocosfl_jax.algorithm.plan import StepConfig  # noqa: E402
-from mocosfl_jax.algorithm.state import init_fn  # noqa: E402
+from mocosfl_jax.algorithm.state import abstract_train_state  # noqa: E402
 
 TOL = 1e-4
 # The eager JAX references run one XLA op per jnp call; XLA's own conv is one op, the CPU-default
@@ -234,8 +234,7 @@ DATASET = {"name": "cifar10", "mean": list(MEAN), "std": list(STD), "input_size"
 
 def _training_state(net, seed):
   """A checkpoint's exact pytree ({'clients', 'server'}), every client and leaf different."""
-  st = jax.eval_shape(lambda k: init_fn(net, StepConfig(num_clients=3, batch_size=2,
-                                                        queue_size=16), k), jax.random.key(0))
+  st = abstract_train_state(net, StepConfig(num_clients=3, batch_size=2, queue_size=16))
   abstract = (st.clients, st.server)
   rng = np.random.default_rng(seed)
   return jax.tree.map(lambda s: (0.3 * rng.standard_normal(s.shape)).astype(s.dtype)

@@ -174,7 +174,7 @@ def test_client_side_weight_standardisation_is_rematerialised(monkeypatch):
   net = build(SplitConfig(arch="resnet18", cut=9, head="V1"))
   cfg = plan.StepConfig(num_clients=8, batch_size=1, queue_size=32, steps_per_epoch=4,
                         avg_freq=2)
-  shapes = jax.eval_shape(state.init_fn, net, cfg, jax.random.key(0))
+  shapes = state.abstract_train_state(net, cfg)
   views = jax.ShapeDtypeStruct((8, 1, 32, 32, 3), jnp.float32)
 
   def scratch():   # a fresh jit each time: no trace is shared between the two settings

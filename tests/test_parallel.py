@@ -158,7 +158,7 @@ def test_sharded_init_and_images_hold_only_each_devices_clients():
   # Per device, the compiled init writes a quarter of the client state (and the server), and
   # needs no more scratch than the unsharded init: no device ever builds all 64 clients.
   client_bytes, server_bytes = (parallel.addressable_bytes(t) for t in (ref.clients, ref.server))
-  shardings = parallel.state_shardings(jax.eval_shape(state.init_fn, net, cfg, key), mesh)
+  shardings = parallel.state_shardings(state.abstract_train_state(net, cfg), mesh)
   sharded = jax.jit(state.init_fn, static_argnums=(0, 1), out_shardings=shardings).lower(
       net, cfg, key).compile().memory_analysis()
   plain = state.create_train_state.lower(net, cfg, key).compile().memory_analysis()
@@ -204,6 +204,7 @@ os.environ.update(XLA_FLAGS='--xla_force_host_platform_device_count=2', JAX_PLAT
 import jax
 jax.config.update('jax_cpu_collectives_implementation', 'gloo')
 from mocosfl_jax import parallel
+from mocosfl_jax.algorithm.mapping import reduce_clients
 assert parallel.maybe_initialize_distributed()
 import jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -215,7 +216,7 @@ sh = NamedSharding(mesh, P('clients'))
 x = jax.make_array_from_process_local_data(sh, np.full((2, 3), 1.0 + pid, np.float32))
 m = jax.make_array_from_process_local_data(sh, np.array([1, 1 - pid], np.float32))
 f = lambda a, w: (jnp.sum(a * w[:, None], 0), jnp.sum(w))
-tot, n = jax.jit(lambda a, w: parallel.reduce_clients(par, f, a, w))(x, m)
+tot, n = jax.jit(lambda a, w: reduce_clients(par, f, a, w))(x, m)
 print('RESULT', float(np.asarray(tot)[0]), float(n), flush=True)
 jax.distributed.shutdown()
 '''

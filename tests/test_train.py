@@ -76,11 +76,11 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
   calls = {"n": 0}
 
   def nan_at_step_five(*args):
-    clients, server, m = real_step(*args)
+    state, m = real_step(*args)
     calls["n"] += 1
     if calls["n"] == 5:
       m = {**m, "loss": m["loss"] * np.nan}
-    return clients, server, m
+    return state, m
 
   monkeypatch.setattr(train, "simulated_step", nan_at_step_five)
   with pytest.raises(train.NonFiniteLossError, match=r"at step 5 .*last good checkpoint is step 3"):

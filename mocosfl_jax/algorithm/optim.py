@@ -1,4 +1,4 @@
-"""PyTorch-equivalent SGD, masked per-client updates and the parameter EMA.
+"""PyTorch-equivalent SGD and the parameter EMA.
 
 PyTorch SGD (dampening 0, no nesterov): g' = g + wd * w; buf = momentum * buf + g' (buf = g' at
 the first step, which a zero-initialised optax trace reproduces); w = w - lr * buf. We build it
@@ -34,35 +34,6 @@ def sgd_update(tx: optax.GradientTransformation, params: PyTree, opt_state: PyTr
   lr = jnp.asarray(lr, jnp.float32)
   params = jax.tree.map(lambda p, d: p - lr.astype(p.dtype) * d, params, direction)
   return params, opt_state
-
-
-def masked_sgd_update(tx: optax.GradientTransformation, params: PyTree, opt_state: PyTree,
-                      grads: PyTree, lrs, mask) -> Tuple[PyTree, PyTree]:
-  """SGD on stacked per-client trees (leading axis N) where only `mask`ed clients step.
-
-  Non-participating clients keep params and optimizer state bit-for-bit (no weight decay, no
-  momentum update), as in the reference where only pool clients call `optimizer.step()`.
-
-  Args:
-    tx: from make_sgd.
-    params, opt_state, grads: stacked trees, leading axis N.
-    lrs: float [N] learning rates.
-    mask: bool [N], True for clients that step.
-  """
-  new_p, new_s = jax.vmap(lambda p, s, g, lr: sgd_update(tx, p, s, g, lr))(params, opt_state,
-                                                                         grads, lrs)
-  return where_clients(mask, new_p, params), where_clients(mask, new_s, opt_state)
-
-
-def where_clients(mask, new: PyTree, old: PyTree) -> PyTree:
-  """Per-client select on stacked trees: leaf[i] = new[i] if mask[i] else old[i] (exact copy)."""
-  mask = jnp.asarray(mask)
-
-  def sel(n, o):
-    m = mask.reshape(mask.shape + (1,) * (n.ndim - mask.ndim))
-    return jnp.where(m, n, o)
-
-  return jax.tree.map(sel, new, old)
 
 
 def ema(target_vars: PyTree, online_vars: PyTree, tau) -> PyTree:

@@ -138,3 +138,8 @@ def create_train_state(net, cfg: StepConfig, key: jax.Array) -> TrainState:
   device holding only its own clients' rows.
   """
   return init_fn(net, cfg, key)
+
+
+def abstract_train_state(net, cfg: StepConfig) -> TrainState:
+  """The TrainState's shapes and dtypes (ShapeDtypeStructs), without computing anything."""
+  return jax.eval_shape(functools.partial(init_fn, net, cfg), jax.random.key(0))

@@ -38,7 +38,7 @@ def restore_for_eval(workdir, checkpoint="best"):
     exp = experiment_lib.resolve(ml_collections.ConfigDict(meta["config"]))
     net = build(SplitConfig.from_dict(meta["model"]))
     cfg = plan.StepConfig(**meta["step_config"])
-    abstract = jax.eval_shape(state_lib.init_fn, net, cfg, jax.random.key(0))
+    abstract = state_lib.abstract_train_state(net, cfg)
     restored = ckpt.restore(step, {"clients": abstract.clients, "server": abstract.server})
   return exp, net, restored.state["clients"], restored.state["server"], restored.step
 
