@@ -81,7 +81,7 @@ def check_config(c: ml_collections.ConfigDict) -> None:
         "valid: mocov2, mocov1, none")
   _need(0.0 < c.crop_min_scale <= 1.0, "crop_min_scale", c.crop_min_scale, "must be in (0, 1]")
   _need(c.flavour in plan.FLAVOURS, "flavour", c.flavour, f"valid: {plan.FLAVOURS}")
-  from mocosfl_jax.models.layers import CONV_IMPLS
+  from mocosfl_jax.models.conv import CONV_IMPLS
   conv = c.get("conv_impl", "auto")
   _need(conv in CONV_IMPLS, "conv_impl", conv, f"unknown; valid: {list(CONV_IMPLS)}")
   mode, chunk = c.get("client_parallel", "vmap"), c.get("client_chunk", 0)
