@@ -1,4 +1,4 @@
-"""Building blocks shared by every backbone: WS convolutions, GroupNorm, plain convs, transposed convs.
+"""Building blocks shared by every backbone: WS convs, GroupNorm, plain and transposed convs.
 
 These are the primitive layers: the backbones (resnet, mobilenetv2, vgg, bottleneck, heads) are
 built from them, ReLU, additions and max-pooling only, which is what lets deploy/onnx_export.py
@@ -37,7 +37,10 @@ def torch_default_bias_init(fan_in: int):
 
 
 def standardize_kernel(kernel: jax.Array) -> jax.Array:
-  """Weight Standardisation per output channel over (kh, kw, in): (w - mean) / (std_unbiased + eps)."""
+  """Weight Standardisation per output channel over (kh, kw, in): (w - mean) / (std + eps).
+
+  std is the unbiased standard deviation, as the reference computes it.
+  """
   mean = jnp.mean(kernel, axis=(0, 1, 2), keepdims=True)
   centred = kernel - mean
   std = jnp.std(centred, axis=(0, 1, 2), keepdims=True, ddof=1)

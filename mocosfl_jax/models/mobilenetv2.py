@@ -110,4 +110,5 @@ def mobilenetv2_layers(c_residual: bool):
 
 def avg_pool_4(x):
   """The reference's hard-coded avg_pool2d(4): a 4x4 map becomes 1x1, then flattened."""
-  return nn.avg_pool(x, window_shape=(4, 4), strides=(4, 4), padding="VALID").reshape(x.shape[0], -1)
+  pooled = nn.avg_pool(x, window_shape=(4, 4), strides=(4, 4), padding="VALID")
+  return pooled.reshape(x.shape[0], -1)

@@ -25,7 +25,8 @@ EXPANSION = {"basic": 1, "bottleneck": 4}
 
 
 class Stem(nn.Module):
-  """3x3 s1 conv for 32 px (and any size but 64/224); 3x3 s2 for 64 px; 7x7 s2 (no max-pool) for 224."""
+  """Conv + GN + ReLU: 3x3 s1 for 32 px (and any size but 64/224), 3x3 s2 for 64 px, 7x7 s2
+  (no max-pool) for 224."""
   width: int
   input_size: int
   conv_impl: str = "lax"
@@ -66,7 +67,10 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
-  """1x1-GN-ReLU-3x3(s)-GN-ReLU-1x1(x4)-GN (+ shortcut) - ReLU. Shortcut conv always WS (ref quirk)."""
+  """1x1-GN-ReLU-3x3(s)-GN-ReLU-1x1(x4)-GN (+ shortcut) - ReLU.
+
+  The shortcut conv is always WS, even with ws=False (reference quirk).
+  """
   planes: int
   stride: int = 1
   residual: bool = True
