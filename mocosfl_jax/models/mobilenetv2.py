@@ -12,8 +12,10 @@ Reference quirks reproduced on purpose (they change the numbers, so a faithful p
 - the server pooling is avg_pool2d(4) on the final 4x4 map, so only 32x32 inputs are valid
   (the reference also passes `input_size` as the stem width, which only works at 32);
 - with a bottleneck, the stride-1 server-side bottleneck conv is 1x1.
-See docs/reference.md. Every layer carries the `layers.Conv` fields `conv_impl` and `remat_ws`
-and hands them to its convolutions; the split networks set them.
+See docs/reference.md.
+
+Every layer carries the `layers.Conv` fields `conv_impl` and `remat_ws` and hands them to its
+convolutions; the split networks set them.
 """
 import functools
 
