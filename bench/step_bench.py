@@ -87,7 +87,7 @@ def conv_peak(reps=3) -> dict:
   batch 128, over XLA's direct conv and the shifted-view matmul, and a 2048^3 matmul."""
   import jax, jax.numpy as jnp  # pylint: disable=g-import-not-at-top,multiple-imports
   from jax import lax  # pylint: disable=g-import-not-at-top
-  from mocosfl_jax.models.layers import conv_matmul  # pylint: disable=g-import-not-at-top
+  from mocosfl_jax.models.conv import conv_matmul  # pylint: disable=g-import-not-at-top
   x = jax.random.normal(jax.random.key(0), (128, 32, 32, 64))
   w = jax.random.normal(jax.random.key(1), (3, 3, 64, 64)) * 0.05
   direct = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), [(1, 1)] * 2,
@@ -127,7 +127,7 @@ def run_setting(args) -> dict:
   from mocosfl_jax.algorithm import protocol, state, step
   from mocosfl_jax.data import augment  # pylint: disable=g-import-not-at-top
   from mocosfl_jax.models import SplitConfig, build  # pylint: disable=g-import-not-at-top
-  from mocosfl_jax.models.layers import resolve_conv_impl  # pylint: disable=g-import-not-at-top
+  from mocosfl_jax.models.conv import resolve_conv_impl  # pylint: disable=g-import-not-at-top
   from mocosfl_jax.algorithm.plan import StepConfig  # pylint: disable=g-import-not-at-top
 
   n, pool, cut = args.clients, args.pool or args.clients, args.cut

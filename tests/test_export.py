@@ -1,6 +1,6 @@
 """ONNX export of the client slice: JAX parity for every backbone/cut/bottleneck, both layouts,
-dynamic and fixed batch, checkpoint round trip through the CLI, clear errors, run_client.py without
-JAX, and int8 quantisation.
+dynamic and fixed batch, a block type the exporter has never seen, checkpoint round trip through
+the CLI, clear errors, run_client.py without JAX, and int8 quantisation.
 
 Parity params are random (shape from `jax.eval_shape(net.init_client)`, values from numpy: no init
 compile, non-trivial GroupNorm/BatchNorm statistics); the reference is
@@ -12,9 +12,11 @@ import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,14 +31,15 @@ from export import quantize, run_client, to_onnx  # noqa: E402
 from mocosfl_jax.deploy import client_checkpoint, onnx_export  # noqa: E402
 from mocosfl_jax.run import checkpoints  # noqa: E402
 from mocosfl_jax.models import SplitConfig, build  # noqa: E402
+from mocosfl_jax.models import layers as L  # noqa: E402
 from mocosfl_jax.algorithm.plan import StepConfig  # noqa: E402
 from mocosfl_jax.algorithm.state import abstract_train_state  # noqa: E402
 
 TOL = 1e-4
-# The eager JAX references run one XLA op per jnp call; XLA's own conv is one op, the CPU-default
-# shifted-view matmul conv is ~k*k+2 ops. The conv implementation changes speed and float rounding
-# only, so the matrix uses 'lax' and a few cases check the default ('auto' = matmul on CPU).
-FAST = {"conv_impl": "lax"} if "conv_impl" in SplitConfig.__dataclass_fields__ else {}
+# The eager JAX references run one XLA op per jnp call; XLA's own conv is one op, the CPU default
+# ('auto': Winograd and shifted-view matmul convs) is many. The conv implementation changes speed
+# and float rounding only, so the matrix uses 'lax' and a few cases check the default.
+FAST = {"conv_impl": "lax"}
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 CPU = ["CPUExecutionProvider"]
 
@@ -48,6 +51,10 @@ def _client_shapes(net):
 
 def _random_vars(net, seed=0):
   """Client variables with the model's exact tree, filled with well-scaled random numbers."""
+  return _random_like(_client_shapes(net), seed)
+
+
+def _random_like(shapes, seed=0):
   rng = np.random.default_rng(seed)
 
   def fill(path, s):
@@ -60,7 +67,7 @@ def _random_vars(net, seed=0):
       return rng.uniform(0.5, 1.5, s.shape).astype(np.float32)
     return (0.1 * rng.standard_normal(s.shape)).astype(np.float32)
 
-  return jax.tree_util.tree_map_with_path(fill, _client_shapes(net))
+  return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 @functools.lru_cache(maxsize=None)
@@ -128,8 +135,9 @@ EXTRA = [
     ("resnet_tiny", 1, "C4S2", dict(width=4, input_size=64)),   # stride-2 stem
     ("resnet_tiny", 1, "None", dict(width=4, input_size=224)),  # 7x7 stride-2 stem
     ("resnet_tiny", 9, "None", dict(width=8, input_size=16)),   # cut past the end: whole backbone
-] + ([("resnet18", 2, "C4S2", dict(conv_impl="auto")),
-      ("mobilenetv2", 4, "None", dict(conv_impl="auto"))] if FAST else [])
+    ("resnet18", 2, "C4S2", dict(conv_impl="auto")),
+    ("mobilenetv2", 4, "None", dict(conv_impl="auto")),
+]
 
 
 def _case_id(case):
@@ -222,6 +230,63 @@ def test_export_rejects_bad_options_and_trees():
   wider = _random_vars(build(SplitConfig(arch="resnet_tiny", cut=2, width=8, input_size=8)))
   with pytest.raises(ValueError, match=r"layer0/conv/kernel' has shape \(3, 3, 3, 8\)"):
     onnx_export.export_client(cfg, wider, **kw)
+
+
+class _UnseenBlock(nn.Module):
+  """A block type no exporter code knows: WS conv, GN, ReLU, a plain strided 1x1 skip with bias,
+  residual add, ReLU, 2x2 max-pool."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    y = nn.relu(L.group_norm("norm")(L.Conv(8, 3, 2, 1, ws=True, name="conv")(x)))
+    skip = L.Conv(8, 1, 2, 0, use_bias=True, ws=False, name="skip")(x)
+    return L.max_pool_2x2(nn.relu(y + skip))
+
+
+def _export_module(monkeypatch, module, input_size, smashed_shape):
+  """Exports `module` as if it were a config's client slice (the exporter reads only these)."""
+  cfg = SplitConfig(arch="resnet_tiny", cut=1, width=3, input_size=input_size)
+  fake = types.SimpleNamespace(client_module=module, cut=1, smashed_shape=smashed_shape,
+                               input_shape=(input_size, input_size, 3))
+  monkeypatch.setattr(onnx_export, "_build", lambda c: fake)
+  onnx_export._trace.cache_clear()  # pylint: disable=protected-access
+  try:
+    x = jax.ShapeDtypeStruct((1, input_size, input_size, 3), jnp.float32)
+    variables = _random_like(jax.eval_shape(lambda x: module.init(jax.random.key(0), x), x))
+    return variables, onnx_export.export_client(cfg, variables, mean=MEAN, std=STD,
+                                                dynamic_batch=True)
+  finally:
+    onnx_export._trace.cache_clear()  # pylint: disable=protected-access
+
+
+def test_a_new_block_exports_without_exporter_changes(monkeypatch):
+  """The graph comes from what the model runs: a block written once, in Flax, exports as is."""
+  module = _UnseenBlock()
+  variables, model = _export_module(monkeypatch, module, 8, (2, 2, 8))
+  assert [n.op_type for n in model.graph.node if n.op_type in ("Conv", "MaxPool", "Add")] == [
+      "Conv", "Add", "Conv", "Add", "MaxPool"]  # GN's Add, the residual Add
+  x = _inputs(8)
+  want = np.asarray(module.apply(variables, jnp.asarray(x), train=False))
+  np.testing.assert_allclose(_run(_session(model), x, "NCHW"), want, rtol=0, atol=TOL)
+
+
+class _SigmoidBlock(nn.Module):
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    return nn.sigmoid(L.Conv(4, 3, 1, 1, name="conv")(x))
+
+
+class _SigmoidClient(nn.Module):
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    return _SigmoidBlock(name="layer0")(x, train)
+
+
+def test_an_op_without_translation_names_the_primitive_and_the_layer(monkeypatch):
+  with pytest.raises(ValueError, match="jax primitive 'logistic' in layer 'layer0' of the client"):
+    _export_module(monkeypatch, _SigmoidClient(), 8, (8, 8, 4))
 
 
 # ---------------------------------------------------------------------------------------------

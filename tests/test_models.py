@@ -168,7 +168,6 @@ def test_client_side_weight_standardisation_is_rematerialised(monkeypatch):
   """The client slice recomputes its standardised kernels in the backward pass: XLA's scratch
   for a step with 8 ResNet-18 clients at cut 9 is below the same step keeping them, by more
   than the clients' parameters (compiled only, nothing runs)."""
-  import contextlib  # pylint: disable=g-import-not-at-top
   from mocosfl_jax import parallel  # pylint: disable=g-import-not-at-top
   from mocosfl_jax.algorithm import plan, state  # pylint: disable=g-import-not-at-top
   net = build(SplitConfig(arch="resnet18", cut=9, head="V1"))
@@ -182,8 +181,9 @@ def test_client_side_weight_standardisation_is_rematerialised(monkeypatch):
     return fn.lower(net, cfg, shapes, None, views, views, jnp.int32(0),
                     jnp.int32(0)).compile().memory_analysis().temp_size_in_bytes
 
+  assert net.client_module.remat_ws
   remat = scratch()
-  monkeypatch.setattr(L, "remat_weight_standardisation", contextlib.nullcontext)
+  monkeypatch.setattr(net, "client_module", net.client_module.clone(remat_ws=False))
   kept = scratch()
   params = sum(x.size * 4 for x in jax.tree.leaves(shapes.clients.online["params"]))
   assert remat < kept - params, (remat, kept, params)

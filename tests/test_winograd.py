@@ -1,5 +1,6 @@
 """Tests for mocosfl_jax.models.winograd: F(2,3) and F(4,3) equal a direct conv in value and in both
-gradients (custom VJP), for odd sizes, under vmap over per-client kernels, and the dispatch."""
+gradients (custom VJP), for odd sizes, under vmap over per-client kernels, and the dispatch
+(conv.conv_winograd: Winograd where it applies, the shifted-view matmul elsewhere)."""
 import chex
 import jax
 import jax.numpy as jnp
@@ -8,7 +9,7 @@ import pytest
 from jax import lax
 
 from core_testlib import fast_compile  # noqa: F401  pylint: disable=unused-import
-from mocosfl_jax.models import winograd
+from mocosfl_jax.models import conv, winograd
 
 pytestmark = pytest.mark.usefixtures('fast_compile')
 
@@ -62,7 +63,7 @@ def test_dispatch_falls_back_for_other_convs():
   assert winograd.applies((3, 3, 4, 4), 1, 1, x_shape=(2, 32, 32, 4))
   for shape, s, p in [((3, 3, 4, 6), 2, 1), ((1, 1, 4, 6), 2, 0), ((3, 3, 4, 6), 1, 1)]:
     k = jax.random.normal(jax.random.key(3), shape)
-    np.testing.assert_allclose(winograd.conv(x, k, s, p), _direct(x, k, s, p), rtol=1e-4,
+    np.testing.assert_allclose(conv.conv_winograd(x, k, s, p), _direct(x, k, s, p), rtol=1e-4,
                                atol=1e-4)
   with pytest.raises(ValueError, match='tile'):
-    winograd.conv(x, jnp.zeros((3, 3, 4, 4)), 1, 1, m=3)
+    conv.conv_winograd(x, jnp.zeros((3, 3, 4, 4)), 1, 1, m=3)

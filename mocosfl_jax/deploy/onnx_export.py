@@ -1,54 +1,64 @@
-"""Hand-written ONNX exporter of the client slice: walks our own parameter tree, emits plain ops.
+"""ONNX export of the client slice, translated from the computation the model itself runs.
 
     model = export_client(cfg, client_vars, mean=..., std=..., layout="NCHW", dynamic_batch=True)
     onnx.save(model, "client.onnx")          # input 'images' [B,3,H,W] normalised, output 'smashed'
 
-Why hand-written rather than jax2onnx (shared/toolchain.md §3):
-* Dependency health: jax2onnx 0.17.1 pins orbax-checkpoint<0.11.37 (we pin 0.12.8, which training
-  and checkpoints.py use) and pulls equinox, huggingface-hub, netron, orbax-export and more; this
-  module needs only `onnx` + numpy, already dependencies. Its first call also costs 12-15 s.
-* Correctness: jax2onnx exports tuple-padded max-pool silently wrong, and a tracer exports whatever
-  the trace contains; here every op is chosen on purpose and checked against JAX in tests.
-* Graph size and speed on ARM: jax2onnx keeps the graph NHWC and puts Transposes around every
-  Conv, and traces Weight Standardisation of the constant kernels as graph ops. Here the graph
-  is NCHW end to end (onnxruntime's native conv layout, the one its aarch64 MLAS kernels take),
-  WS is folded into constant OIHW weights in numpy, and an NHWC model adds exactly one Transpose
-  at the input and one at the output. ResNet-18 cut 2 + C4S2 is 25 nodes / 317 kB. Fewer,
-  layout-stable nodes is what matters on a small ARM CPU; no ARM device was available to measure,
-  so the figures in bench/results/onnx_client.json are from the x86 development machine.
+How: the inference-mode client slice, `net.client_module.apply(vars, x, train=False)`, is traced
+once per config with `jax.make_jaxpr` while `flax.linen.intercept_methods` replaces every
+primitive layer of models/layers.py that has a rule here (`Conv`, `GroupNorm`, `BatchNorm`) by
+one opaque `client_layer` op carrying the layer module. Composite blocks (ResNet blocks,
+MobileNetV2 stages, VGG layers, the bottleneck tail) run their own code, so the jaxpr is the
+network exactly as the model computes it: those layers, ReLU (`max(x, 0)`), residual `add` and
+`reduce_window_max`. This module translates that jaxpr op by op, so a new block built from these
+needs no change here; any other op raises a ValueError naming the primitive and the layer.
+Which variables a layer needs, and their shapes, come from the layer's own `init`: every one must
+be in the given tree with that shape, and every leaf of the tree must be used (anything else means
+the tree and the config disagree).
 
-Ops emitted: Conv (WS folded, bias when the layer has one, group for depthwise), GroupNorm, then
+Why translate our own jaxpr rather than use jax2onnx:
+* Dependency health: jax2onnx pins an older orbax-checkpoint than training and checkpoints.py
+  use, and pulls equinox, huggingface-hub, netron, orbax-export and more; this module needs only
+  `onnx` and numpy, already dependencies.
+* Correctness: jax2onnx exports tuple-padded max-pool silently wrong; here each op has a
+  translation written on purpose and checked against JAX in tests/test_export.py.
+* Graph size and speed on ARM: a generic converter keeps the graph NHWC with Transposes around
+  every Conv, exports whichever convolution implementation (shifted-view matmuls, Winograd) the
+  config selected, and traces Weight Standardisation of the constant kernels as graph ops. Here
+  each layer becomes its ONNX op directly, the graph is NCHW end to end (onnxruntime's native
+  conv layout, the one its aarch64 MLAS kernels take), WS is folded into constant OIHW weights in
+  numpy, and an NHWC model adds exactly one Transpose at the input and one at the output. Fewer,
+  layout-stable nodes is what matters on a small ARM CPU; bench/results/onnx_client.json has the
+  size and latency measured on the development machine.
+
+Ops emitted: Conv (WS folded, bias when the layer has one, group for depthwise), GroupNorm,
 BatchNormalization (inference mode, running stats; MobileNetV2's shortcut BN), Relu, Add, MaxPool,
 Transpose (NHWC only). GroupNorm is the native GroupNormalization at opset >= 21 (per-channel
 scale/bias) and at opset 18-20 the decomposition Reshape [N,G,-1] -> InstanceNormalization ->
 Reshape -> Mul -> Add (the same biased-variance maths). The default is opset 18 on purpose:
-onnxruntime 1.31's CPU provider has no GroupNormalization kernel and inlines its function body
-(the ResNet-18 cut-2 graph grows from 13 to 102 nodes after optimisation, 30 with the
-decomposition), the decomposition ran ~7% faster per image on the x86 machine (1.96 vs 2.10 ms,
-1 thread), and it loads in older onnxruntime builds (device wheels lag). The client slice never
-contains a transposed conv (only the server's bottleneck head does), so no ConvTranspose is
-emitted. The export is the inference-mode slice, i.e. `apply_client(vars, x, train=False)`.
-
-Structure comes from the model modules' own layer factories (resnet.resnet_layers,
-mobilenetv2.mobilenetv2_layers, vgg.vgg_layers) dispatched on the module class, so a new block
-type fails loudly; parameters are read by path from the tree and every leaf must be consumed
-(anything left over means the tree and the config disagree). The model itself stays NHWC/HWIO.
+onnxruntime's CPU provider has no GroupNormalization kernel and inlines its function body into
+many more nodes than the decomposition, which also ran faster per image, and it loads in older
+onnxruntime builds (device wheels lag). The client slice never contains a transposed conv (only
+the server's bottleneck head does), so there is no ConvTranspose rule. The model itself stays
+NHWC/HWIO.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
 import onnx
+from jax.extend import core as jex_core
 from onnx import TensorProto, helper, numpy_helper
 
 from mocosfl_jax.models import SplitConfig, build
-from mocosfl_jax.models import bottleneck as bnl
 from mocosfl_jax.models import layers as L
-from mocosfl_jax.models import mobilenetv2, resnet, split, vgg
 
 LAYOUTS = ("NCHW", "NHWC")
 MIN_OPSET = 18          # ReduceMean/axes-as-input era; below it the decomposition is invalid.
@@ -56,9 +66,8 @@ NATIVE_GN_OPSET = 21    # GroupNormalization-21 has per-channel scale/bias (18's
 DEFAULT_OPSET = 18   # see the module docstring: faster on onnxruntime CPU, wider support.
 INPUT_NAME = "images"
 OUTPUT_NAME = "smashed"
-GN_EPS = 1e-5
-BN_EPS = 1e-5
 FORMAT_VERSION = "1"
+TRACE_BATCH = 2      # any batch works; not 1, so that no batch axis can pass for a broadcast one.
 
 
 @functools.lru_cache(maxsize=16)
@@ -120,19 +129,95 @@ class _Vars:
     self.used.add(path)
     return value
 
-  def has(self, *prefix) -> bool:
-    return any(p[:len(prefix)] == prefix for p in self.leaves)
-
   def unused(self) -> list[str]:
     return sorted("/".join(p) for p in self.leaves if p not in self.used)
 
 
-class _Graph:
-  """Node/initializer accumulator; tensors are (name, C, H, W) with static C, H, W."""
+# -- tracing the client slice -------------------------------------------------------------------
 
-  def __init__(self, opset: int, variables):
+_client_layer_p = jex_core.Primitive("client_layer")
+_client_layer_p.def_abstract_eval(
+    lambda x, *, index, out_shape: jax.core.ShapedArray(out_shape, x.dtype))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layer:
+  """One primitive layer of the trace.
+
+  Attributes:
+    path: the layer's module path in the client slice, e.g. ('layer1', 'conv2').
+    module: an unbound copy of the layer (its fields: kernel size, stride, ws, ...).
+    needs: ((collection, *leaf path under `path`), shape) of every variable it reads.
+  """
+  path: tuple[str, ...]
+  module: nn.Module
+  needs: tuple[tuple[tuple[str, ...], tuple[int, ...]], ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Trace:
+  jaxpr: jex_core.ClosedJaxpr
+  layers: tuple[_Layer, ...]
+
+
+class _Interceptor:
+  """Replaces the primitive layers that have a rule by `client_layer` ops while the slice traces.
+
+  A layer's output shape and variables come from tracing its own `init` abstractly; nested
+  module calls during that (and inside composite blocks' own code) are left alone.
+  """
+
+  def __init__(self):
+    self.layers: list[_Layer] = []
+    self._busy = False
+
+  def __call__(self, next_fun, args, kwargs, context):
+    module = context.module
+    if self._busy or context.method_name != "__call__" or type(module) not in _RULES:
+      return next_fun(*args, **kwargs)
+    x, rest = args[0], args[1:]
+    unbound = module.clone(parent=None)
+    self._busy = True
+    try:
+      out, shapes = jax.eval_shape(
+          lambda x: unbound.init_with_output(jax.random.key(0), x, *rest, **kwargs),
+          jax.ShapeDtypeStruct(x.shape, x.dtype))
+    finally:
+      self._busy = False
+    needs = tuple((tuple(str(k.key) for k in path), tuple(leaf.shape))
+                  for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0])
+    self.layers.append(_Layer(tuple(module.path), unbound, needs))
+    return _client_layer_p.bind(x, index=len(self.layers) - 1, out_shape=tuple(out.shape))
+
+
+@functools.lru_cache(maxsize=16)
+def _trace(cfg: SplitConfig) -> _Trace:
+  """The inference-mode client slice of `cfg` as a jaxpr of `client_layer` ops and glue ops."""
+  net = _build(cfg)
+  interceptor = _Interceptor()
+
+  def client(x):
+    with nn.intercept_methods(interceptor):
+      return net.client_module.apply({"params": {}, "batch_stats": {}}, x, train=False)
+
+  x = jax.ShapeDtypeStruct((TRACE_BATCH, *net.input_shape), jnp.float32)
+  return _Trace(jax.make_jaxpr(client)(x), tuple(interceptor.layers))
+
+
+# -- ONNX graph -----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Const:
+  """A constant operand of a jaxpr op (a literal such as ReLU's 0)."""
+  value: np.ndarray
+
+
+class _Graph:
+  """Node/initializer accumulator. Tensors are ONNX names, laid out NCHW."""
+
+  def __init__(self, opset: int):
     self.opset = opset
-    self.vars = _Vars(variables)
     self.nodes, self.inits = [], []
     self._count = 0
 
@@ -150,176 +235,124 @@ class _Graph:
     self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=out, **attrs))
     return out
 
-  # -- layers ------------------------------------------------------------------------------------
-  def conv(self, x, path, features, k, stride, pad, *, groups=1, ws=True, bias=False):
-    name, c, h, w = x
-    kernel = self.vars.get("params", *path, "kernel", shape=(k, k, c // groups, features))
-    if ws:
-      kernel = standardize_kernel_np(kernel)
-    inputs = [name, self.const("/".join(path) + "/W", kernel.transpose(3, 2, 0, 1))]
-    if bias:
-      inputs.append(self.const("/".join(path) + "/B",
-                               self.vars.get("params", *path, "bias", shape=(features,))))
-    y = self.op("Conv", inputs, "/".join(path), kernel_shape=[k, k], strides=[stride, stride],
-                pads=[pad] * 4, group=groups)
-    return (y, features, (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1)
 
-  def group_norm(self, x, path):
-    name, c, h, w = x
-    groups = max(c // 4, 1)  # layers.group_norm: 4 channels per group.
-    scale = self.vars.get("params", *path, "gn", "scale", shape=(c,))
-    bias = self.vars.get("params", *path, "gn", "bias", shape=(c,))
-    hint = "/".join(path)
-    if self.opset >= NATIVE_GN_OPSET:
-      y = self.op("GroupNormalization", [name, self.const(hint + "/scale", scale),
-                                         self.const(hint + "/bias", bias)], hint,
-                  epsilon=GN_EPS, num_groups=groups)
-      return (y, c, h, w)
-    grouped = self.op("Reshape", [name, self.const(hint + "/gshape", np.array([0, groups, -1],
-                                                                              np.int64))],
-                      hint + "/grouped")
-    normed = self.op("InstanceNormalization",
-                     [grouped, self.const(hint + "/ones", np.ones(groups, np.float32)),
-                      self.const(hint + "/zeros", np.zeros(groups, np.float32))],
-                     hint + "/normed", epsilon=GN_EPS)
-    back = self.op("Reshape", [normed, self.const(hint + "/shape", np.array([0, c, h, w],
-                                                                            np.int64))],
-                   hint + "/ungrouped")
-    scaled = self.op("Mul", [back, self.const(hint + "/scale", scale.reshape(c, 1, 1))],
-                     hint + "/scaled")
-    y = self.op("Add", [scaled, self.const(hint + "/bias", bias.reshape(c, 1, 1))], hint)
-    return (y, c, h, w)
-
-  def batch_norm(self, x, path):
-    name, c, h, w = x
-    hint = "/".join(path)
-    get = self.vars.get
-    inputs = [name] + [self.const(f"{hint}/{n}", get(col, *path, "bn", n, shape=(c,)))
-                       for col, n in (("params", "scale"), ("params", "bias"),
-                                      ("batch_stats", "mean"), ("batch_stats", "var"))]
-    return (self.op("BatchNormalization", inputs, hint, epsilon=BN_EPS), c, h, w)
-
-  def relu(self, x):
-    return (self.op("Relu", [x[0]], "relu"),) + tuple(x[1:])
-
-  def add(self, x, y):
-    if tuple(x[1:]) != tuple(y[1:]):
-      raise AssertionError(f"residual shapes differ: {x[1:]} vs {y[1:]}")
-    return (self.op("Add", [x[0], y[0]], "add"),) + tuple(x[1:])
-
-  def max_pool_2x2(self, x, path):
-    name, c, h, w = x
-    return (self.op("MaxPool", [name], "/".join(path), kernel_shape=[2, 2], strides=[2, 2]),
-            c, h // 2, w // 2)
+# -- rules for the primitive layers: (graph, input, layer, its variables, NHWC input shape) -------
 
 
-# -- per-module emitters (one per layer class of the model zoo) ------------------------------------
+def _conv(g: _Graph, x: str, layer: _Layer, arrays, shape) -> str:
+  m, hint = layer.module, "/".join(layer.path)
+  kernel = arrays["params", "kernel"]
+  if m.ws:
+    kernel = standardize_kernel_np(kernel)
+  inputs = [x, g.const(hint + "/W", kernel.transpose(3, 2, 0, 1))]
+  if m.use_bias:
+    inputs.append(g.const(hint + "/B", arrays["params", "bias"]))
+  k, s, p = m.kernel_size, m.stride, m.padding
+  return g.op("Conv", inputs, hint, kernel_shape=[k, k], strides=[s, s], pads=[p] * 4,
+              group=m.groups)
 
 
-def _resnet_stem(g, x, p, width, input_size):
-  if input_size == 224:
-    x = g.conv(x, p + ("conv",), width, 7, 2, 3)
-  else:
-    x = g.conv(x, p + ("conv",), width, 3, 2 if input_size == 64 else 1, 1)
-  return g.relu(g.group_norm(x, p + ("norm",)))
+def _group_norm(g: _Graph, x: str, layer: _Layer, arrays, shape) -> str:
+  _, h, w, c = shape
+  groups = L.gn_groups(c)
+  scale, bias = arrays["params", "gn", "scale"], arrays["params", "gn", "bias"]
+  hint = "/".join(layer.path)
+  if g.opset >= NATIVE_GN_OPSET:
+    return g.op("GroupNormalization", [x, g.const(hint + "/scale", scale),
+                                       g.const(hint + "/bias", bias)], hint,
+                epsilon=L.GN_EPS, num_groups=groups)
+  grouped = g.op("Reshape", [x, g.const(hint + "/gshape", np.array([0, groups, -1], np.int64))],
+                 hint + "/grouped")
+  normed = g.op("InstanceNormalization",
+                [grouped, g.const(hint + "/ones", np.ones(groups, np.float32)),
+                 g.const(hint + "/zeros", np.zeros(groups, np.float32))],
+                hint + "/normed", epsilon=L.GN_EPS)
+  back = g.op("Reshape", [normed, g.const(hint + "/shape", np.array([0, c, h, w], np.int64))],
+              hint + "/ungrouped")
+  scaled = g.op("Mul", [back, g.const(hint + "/scale", scale.reshape(c, 1, 1))], hint + "/scaled")
+  return g.op("Add", [scaled, g.const(hint + "/bias", bias.reshape(c, 1, 1))], hint)
 
 
-def _basic_block(g, x, p, planes, stride=1, residual=True, ws=True):
-  out = g.relu(g.group_norm(g.conv(x, p + ("conv1",), planes, 3, stride, 1, ws=ws), p + ("norm1",)))
-  out = g.group_norm(g.conv(out, p + ("conv2",), planes, 3, 1, 1, ws=ws), p + ("norm2",))
-  if residual:
-    if stride != 1 or x[1] != planes:
-      x = g.group_norm(g.conv(x, p + ("shortcut_conv",), planes, 1, stride, 0, ws=ws),
-                       p + ("shortcut_norm",))
-    out = g.add(out, x)
-  return g.relu(out)
+def _batch_norm(g: _Graph, x: str, layer: _Layer, arrays, shape) -> str:
+  hint = "/".join(layer.path)
+  inputs = [x] + [g.const(f"{hint}/{n}", arrays[col, "bn", n])
+                  for col, n in (("params", "scale"), ("params", "bias"),
+                                 ("batch_stats", "mean"), ("batch_stats", "var"))]
+  return g.op("BatchNormalization", inputs, hint, epsilon=L.BN_EPS)
 
 
-def _bottleneck_block(g, x, p, planes, stride=1, residual=True, ws=True):
-  out_planes = 4 * planes
-  out = g.relu(g.group_norm(g.conv(x, p + ("conv1",), planes, 1, 1, 0, ws=ws), p + ("norm1",)))
-  out = g.relu(g.group_norm(g.conv(out, p + ("conv2",), planes, 3, stride, 1, ws=ws),
-                            p + ("norm2",)))
-  out = g.group_norm(g.conv(out, p + ("conv3",), out_planes, 1, 1, 0, ws=ws), p + ("norm3",))
-  if residual:
-    if stride != 1 or x[1] != out_planes:  # the reference's shortcut conv is always WS.
-      x = g.group_norm(g.conv(x, p + ("shortcut_conv",), out_planes, 1, stride, 0, ws=True),
-                       p + ("shortcut_norm",))
-    out = g.add(out, x)
-  return g.relu(out)
-
-
-def _mnv2_stem(g, x, p):
-  return g.group_norm(g.conv(x, p + ("conv",), mobilenetv2.STEM_WIDTH, 3, 1, 1), p + ("norm",))
-
-
-def _mnv2_block(g, x, p, expansion, out_planes, stride, residual):
-  planes = expansion * x[1]
-  out = g.relu(g.group_norm(g.conv(x, p + ("conv1",), planes, 1, 1, 0), p + ("norm1",)))
-  out = g.relu(g.group_norm(g.conv(out, p + ("conv2",), planes, 3, stride, 1, groups=planes),
-                            p + ("norm2",)))
-  out = g.group_norm(g.conv(out, p + ("conv3",), out_planes, 1, 1, 0), p + ("norm3",))
-  if residual and stride == 1:
-    if x[1] != out_planes:  # plain conv + BatchNorm shortcut (reference quirk).
-      x = g.batch_norm(g.conv(x, p + ("shortcut_conv",), out_planes, 1, 1, 0, ws=False),
-                       p + ("shortcut_bn",))
-    out = g.add(out, x)
-  return out
-
-
-def _mnv2_stage(g, x, p, expansion, out_planes, num_blocks, stride, residual=True):
-  for i in range(num_blocks):
-    x = _mnv2_block(g, x, p + (f"block{i}",), expansion, out_planes, stride if i == 0 else 1,
-                    residual)
-  return x
-
-
-def _mnv2_final(g, x, p):
-  return g.group_norm(g.conv(x, p + ("conv",), mobilenetv2.FEATURE_DIM, 1, 1, 0), p + ("norm",))
-
-
-def _vgg_conv(g, x, p, features):
-  return g.relu(g.group_norm(g.conv(x, p + ("conv",), features, 3, 1, 1, bias=True),
-                             p + ("norm",)))
-
-
-def _vgg_pool(g, x, p):
-  return g.max_pool_2x2(x, p)
-
-
-_EMITTERS = {
-    resnet.Stem: _resnet_stem, resnet.BasicBlock: _basic_block,
-    resnet.Bottleneck: _bottleneck_block, mobilenetv2.Stem: _mnv2_stem,
-    mobilenetv2.Stage: _mnv2_stage, mobilenetv2.FinalConv: _mnv2_final,
-    vgg.ConvGNReLU: _vgg_conv, vgg.MaxPool: _vgg_pool,
+_RULES: dict[type, Callable[..., str]] = {
+    L.Conv: _conv, L.GroupNorm: _group_norm, L.BatchNorm: _batch_norm,
 }
 
-
-def _layer_factories(cfg: SplitConfig, cut: int):
-  """The same factory list that split.ClientNet instantiates (public builders, same arguments)."""
-  if cfg.arch in split.RESNETS:
-    return resnet.resnet_layers(cfg.arch, cut, width=cfg.width, input_size=cfg.input_size,
-                                ws=cfg.ws, c_residual=cfg.c_residual)[0]
-  if cfg.arch == "mobilenetv2":
-    return mobilenetv2.mobilenetv2_layers(cfg.c_residual)
-  return vgg.vgg_layers(cfg.arch)
+# Primitives that only wrap a sub-jaxpr (jnp/nn helpers under jit, custom derivatives,
+# rematerialisation): their sub-jaxpr is translated in place.
+_CALL_PARAMS = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr",
+                "custom_jvp_call": "call_jaxpr", "custom_vjp_call": "call_jaxpr",
+                "checkpoint": "jaxpr"}
 
 
-def _bottleneck_tail(g, x, cfg: SplitConfig):
-  spec = bnl.parse_bottleneck(cfg.bottleneck)
-  if spec is None:
-    return x
-  relu = spec.relu or cfg.arch == "mobilenetv2"  # the reference ignores noRELU for MobileNetV2.
-  p = ("bottleneck",)
-  if spec.stride == 1:
-    x = g.conv(x, p + ("conv0",), spec.channels, spec.kernel, 1, spec.kernel // 2, ws=False,
-               bias=True)
-  else:
-    x = g.conv(x, p + ("conv0",), spec.channels, 3, 2, 1, ws=False, bias=True)
-    for i in range(int(math.log2(spec.stride // 2))):
-      x = g.relu(x) if relu else x
-      x = g.conv(x, p + (f"conv{i + 1}",), spec.channels, 3, 2, 1, ws=False, bias=True)
-  return g.relu(x) if relu else x
+def _layer_name(name_stack: str) -> str:
+  """'ClientNet/layer1/conv1' (flax's name stack of an op) -> 'layer1/conv1'."""
+  return name_stack.split("/", 1)[1] if "/" in name_stack else name_stack
+
+
+class _Translator:
+  """Walks the traced jaxpr and emits one ONNX op per layer and glue op."""
+
+  def __init__(self, g: _Graph, trace: _Trace, arrays: list[dict]):
+    self.g, self.trace, self.arrays = g, trace, arrays
+
+  def run(self, jaxpr, inputs, where: str = ""):
+    """Translates `jaxpr` (closed or open) applied to `inputs`; returns its outputs."""
+    consts = getattr(jaxpr, "consts", ())
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    env = {v: _Const(np.asarray(c)) for v, c in zip(jaxpr.constvars, consts)}
+    env.update(zip(jaxpr.invars, inputs))
+    read = lambda v: _Const(np.asarray(v.val)) if isinstance(v, jex_core.Literal) else env[v]
+    for eqn in jaxpr.eqns:
+      here = where or str(eqn.source_info.name_stack)
+      outs = self.eqn(eqn, [read(v) for v in eqn.invars], here)
+      env.update(zip(eqn.outvars, outs))
+    return [read(v) for v in jaxpr.outvars]
+
+  def eqn(self, eqn, args, where: str) -> list:
+    """The ONNX tensors of one jaxpr op's outputs; ValueError for an op with no translation."""
+    name, params = eqn.primitive.name, eqn.params
+    tensors = [a for a in args if not isinstance(a, _Const)]
+    consts = [a for a in args if isinstance(a, _Const)]
+    if name == _client_layer_p.name:
+      index = params["index"]
+      layer = self.trace.layers[index]
+      return [_RULES[type(layer.module)](self.g, args[0], layer, self.arrays[index],
+                                         eqn.invars[0].aval.shape)]
+    if name in _CALL_PARAMS:
+      return self.run(params[_CALL_PARAMS[name]], args, where)
+    if (name == "max" and len(tensors) == 1 and len(consts) == 1
+        and consts[0].value.size == 1 and float(consts[0].value) == 0.0):
+      return [self.g.op("Relu", tensors, "relu")]
+    if (name == "add" and len(tensors) == 2
+        and eqn.invars[0].aval.shape == eqn.invars[1].aval.shape):
+      return [self.g.op("Add", tensors, "add")]
+    if name == "reduce_window_max" and len(tensors) == 1 and _is_2d_pool(params):
+      (top, bottom), (left, right) = params["padding"][1:3]
+      pads = {"pads": [top, left, bottom, right]} if any((top, left, bottom, right)) else {}
+      return [self.g.op("MaxPool", tensors, _layer_name(where),
+                        kernel_shape=list(params["window_dimensions"][1:3]),
+                        strides=list(params["window_strides"][1:3]), **pads)]
+    raise ValueError(f"no ONNX translation for the jax primitive '{name}' in layer "
+                     f"'{_layer_name(where)}' of the client slice; translated are the layers "
+                     f"{sorted(c.__name__ for c in _RULES)}, ReLU (max with 0), add of equal "
+                     "shapes and 2-D max-pooling")
+
+
+def _is_2d_pool(params) -> bool:
+  """A reduce_window over H and W of an NHWC tensor only, without dilations."""
+  window, strides, padding = (params["window_dimensions"], params["window_strides"],
+                              params["padding"])
+  return (len(window) == 4 and window[0] == window[3] == strides[0] == strides[3] == 1
+          and tuple(padding[0]) == tuple(padding[3]) == (0, 0)
+          and all(d == 1 for d in (*params["base_dilation"], *params["window_dilation"])))
 
 
 def _floats(values, name: str) -> list[float]:
@@ -354,32 +387,30 @@ def export_client(cfg: SplitConfig, variables, *, mean, std, layout: str = "NCHW
   validate_options(layout, opset, batch_size)
   mean, std = _floats(mean, "mean"), _floats(std, "std")
   net = _build(cfg)
-  g = _Graph(opset, variables)
-  batch = "batch" if dynamic_batch else batch_size
-  s = cfg.input_size
-  x = (INPUT_NAME, 3, s, s)
-  if layout == "NHWC":
-    x = (g.op("Transpose", [INPUT_NAME], "to_nchw", perm=[0, 3, 1, 2]), 3, s, s)
-  for i, factory in enumerate(_layer_factories(cfg, net.cut)[:net.cut]):
-    cls = getattr(factory, "func", factory)
-    if cls not in _EMITTERS:
-      raise ValueError(f"no ONNX emitter for layer{i} ({cls.__module__}.{cls.__name__}); "
-                       f"supported: {sorted(c.__name__ for c in _EMITTERS)}")
-    x = _EMITTERS[cls](g, x, (f"layer{i}",), **getattr(factory, "keywords", {}))
-  x = _bottleneck_tail(g, x, cfg)
-  unused = g.vars.unused()
+  trace = _trace(cfg)
+  tree = _Vars(variables)
+  arrays = [{need: tree.get(need[0], *layer.path, *need[1:], shape=shape)
+             for need, shape in layer.needs} for layer in trace.layers]
+  unused = tree.unused()
   if unused:
     raise ValueError(f"client variables hold {len(unused)} entries the model config does not use "
                      f"(incompatible parameter tree), e.g. {unused[:5]}")
-  h, w, c = net.smashed_shape
-  if tuple(x[1:]) != (c, h, w):
-    raise AssertionError(f"exporter shape {x[1:]} != model smashed shape {(c, h, w)}")
+  g = _Graph(opset)
+  batch = "batch" if dynamic_batch else batch_size
+  s = cfg.input_size
+  x = INPUT_NAME
   if layout == "NHWC":
-    g.nodes.append(helper.make_node("Transpose", [x[0]], [OUTPUT_NAME], name="to_nhwc",
+    x = g.op("Transpose", [INPUT_NAME], "to_nchw", perm=[0, 3, 1, 2])
+  (y,) = _Translator(g, trace, arrays).run(trace.jaxpr, [x])
+  if not isinstance(y, str) or y == INPUT_NAME:
+    raise ValueError(f"the client slice of {cfg.arch} cut {net.cut} does not compute on its input")
+  h, w, c = net.smashed_shape
+  if layout == "NHWC":
+    g.nodes.append(helper.make_node("Transpose", [y], [OUTPUT_NAME], name="to_nhwc",
                                     perm=[0, 2, 3, 1]))
     in_shape, out_shape = [batch, s, s, 3], [batch, h, w, c]
   else:
-    g.nodes.append(helper.make_node("Identity", [x[0]], [OUTPUT_NAME], name="output"))
+    g.nodes.append(helper.make_node("Identity", [y], [OUTPUT_NAME], name="output"))
     in_shape, out_shape = [batch, 3, s, s], [batch, c, h, w]
   graph = helper.make_graph(
       g.nodes, f"mocosfl_client_{cfg.arch}_cut{net.cut}",

@@ -1,9 +1,10 @@
-"""Communication bottleneck `[K<k>]C<c>S<s>[noRELU]` (spec §3.7): a client tail and a server head.
+"""Communication bottleneck `[K<k>]C<c>S<s>[noRELU]`: a client tail and a server head.
 
 Client tail: s = 1 -> Conv(C_in->c, k, pad k//2); s >= 2 -> Conv(C_in->c, 3, s2, p1) then
 log2(s/2) x [ReLU, Conv(c->c, 3, s2, p1)]; then ReLU. Server head mirrors it with transposed convs
 (s >= 2) or Conv(c->C_in, k) (s = 1; MobileNetV2 uses 1x1), then ReLU. `noRELU` drops the ReLUs
 (ResNet/VGG only, as the reference: MobileNetV2 keeps them). Plain convs with bias, xavier init.
+See docs/reference.md.
 """
 import dataclasses
 import math
@@ -45,34 +46,45 @@ def parse_bottleneck(option: str | None) -> BottleneckSpec | None:
 
 
 class BottleneckTail(nn.Module):
-  """Client-side compression to `channels` at 1/stride spatial resolution."""
+  """Client-side compression to `channels` at 1/stride spatial resolution.
+
+  `conv_impl` and `remat_ws` go to its convolutions (plain, so `remat_ws` changes nothing).
+  """
   spec: BottleneckSpec
+  conv_impl: str = "lax"
+  remat_ws: bool = False
 
   @nn.compact
   def __call__(self, x):
     s = self.spec
+    opts = dict(use_bias=True, ws=False, conv_impl=self.conv_impl, remat_ws=self.remat_ws)
     if s.stride == 1:
-      x = L.Conv(s.channels, s.kernel, 1, s.kernel // 2, use_bias=True, ws=False, name="conv0")(x)
+      x = L.Conv(s.channels, s.kernel, 1, s.kernel // 2, name="conv0", **opts)(x)
     else:
-      x = L.Conv(s.channels, 3, 2, 1, use_bias=True, ws=False, name="conv0")(x)
+      x = L.Conv(s.channels, 3, 2, 1, name="conv0", **opts)(x)
       for i in range(int(math.log2(s.stride // 2))):
         x = nn.relu(x) if s.relu else x
-        x = L.Conv(s.channels, 3, 2, 1, use_bias=True, ws=False, name=f"conv{i + 1}")(x)
+        x = L.Conv(s.channels, 3, 2, 1, name=f"conv{i + 1}", **opts)(x)
     return nn.relu(x) if s.relu else x
 
 
 class BottleneckHead(nn.Module):
-  """Server-side decompression back to `out_channels` at the cut's resolution."""
+  """Server-side decompression back to `out_channels` at the cut's resolution.
+
+  `conv_impl` goes to the stride-1 convolution; transposed convolutions always use XLA's.
+  """
   spec: BottleneckSpec
   out_channels: int
   stride1_kernel: int | None = None  # MobileNetV2: 1x1 regardless of K<k>.
+  conv_impl: str = "lax"
 
   @nn.compact
   def __call__(self, x):
     s = self.spec
     if s.stride == 1:
       k = self.stride1_kernel or s.kernel
-      x = L.Conv(self.out_channels, k, 1, k // 2, use_bias=True, ws=False, name="conv0")(x)
+      x = L.Conv(self.out_channels, k, 1, k // 2, use_bias=True, ws=False,
+                 conv_impl=self.conv_impl, name="conv0")(x)
     else:
       n = int(math.log2(s.stride // 2))
       for i in range(n):

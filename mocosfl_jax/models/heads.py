@@ -1,7 +1,8 @@
-"""Projection heads of the reference (spec §3.8); they replace the classifier and live on the server.
+"""Projection heads of the reference; they replace the classifier and live on the server.
 
 Hidden width is key_dim x expansion (not the feature width), as in the reference. Linear layers
-have bias and xavier init. largeV2's BatchNorm1d sees the whole concatenated server batch.
+have bias and xavier init. largeV2's BatchNorm1d sees the whole concatenated server batch. See
+docs/reference.md.
 """
 import flax.linen as nn
 

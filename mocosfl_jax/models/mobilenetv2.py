@@ -1,4 +1,4 @@
-"""MobileNetV2, CIFAR variant of the reference (spec §3.5), as a list of 9 layers.
+"""MobileNetV2, CIFAR variant of the reference, as a list of 9 layers.
 
 Layers: 0 = stem, 1..7 = the seven stages of inverted-residual blocks, 8 = final 1x1 conv to 1280.
 A cut at N puts layers[0:N] on the client (cut 1 = stem, cut 9 = everything).
@@ -12,6 +12,10 @@ Reference quirks reproduced on purpose (they change the numbers, so a faithful p
 - the server pooling is avg_pool2d(4) on the final 4x4 map, so only 32x32 inputs are valid
   (the reference also passes `input_size` as the stem width, which only works at 32);
 - with a bottleneck, the stride-1 server-side bottleneck conv is 1x1.
+See docs/reference.md.
+
+Every layer carries the `layers.Conv` fields `conv_impl` and `remat_ws` and hands them to its
+convolutions; the split networks set them.
 """
 import functools
 
@@ -27,10 +31,15 @@ FEATURE_DIM = 1280
 
 
 class Stem(nn.Module):
+  """3x3 WS conv to 32 channels + GN, no ReLU (reference quirk)."""
+  conv_impl: str = "lax"
+  remat_ws: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    return L.group_norm("norm")(L.Conv(STEM_WIDTH, 3, 1, 1, ws=True, name="conv")(x))  # no ReLU
+    conv = L.Conv(STEM_WIDTH, 3, 1, 1, ws=True, conv_impl=self.conv_impl, remat_ws=self.remat_ws,
+                  name="conv")
+    return L.group_norm("norm")(conv(x))
 
 
 class InvertedResidual(nn.Module):
@@ -39,43 +48,57 @@ class InvertedResidual(nn.Module):
   out_planes: int
   stride: int
   residual: bool = True
+  conv_impl: str = "lax"
+  remat_ws: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     in_planes = x.shape[-1]
     planes = self.expansion * in_planes
-    out = nn.relu(L.group_norm("norm1")(L.Conv(planes, 1, 1, 0, ws=True, name="conv1")(x)))
+    opts = dict(conv_impl=self.conv_impl, remat_ws=self.remat_ws)
+    out = nn.relu(L.group_norm("norm1")(L.Conv(planes, 1, 1, 0, ws=True, name="conv1",
+                                               **opts)(x)))
     out = nn.relu(L.group_norm("norm2")(L.Conv(planes, 3, self.stride, 1, groups=planes, ws=True,
-                                               name="conv2")(out)))
-    out = L.group_norm("norm3")(L.Conv(self.out_planes, 1, 1, 0, ws=True, name="conv3")(out))
+                                               name="conv2", **opts)(out)))
+    out = L.group_norm("norm3")(L.Conv(self.out_planes, 1, 1, 0, ws=True, name="conv3",
+                                       **opts)(out))
     if self.residual and self.stride == 1:
       if in_planes != self.out_planes:
         x = L.BatchNorm(name="shortcut_bn")(
-            L.Conv(self.out_planes, 1, 1, 0, ws=False, name="shortcut_conv")(x), train)
+            L.Conv(self.out_planes, 1, 1, 0, ws=False, name="shortcut_conv", **opts)(x), train)
       out = out + x
     return out
 
 
 class Stage(nn.Module):
+  """`num_blocks` inverted residual blocks; the first one has the stage's stride."""
   expansion: int
   out_planes: int
   num_blocks: int
   stride: int
   residual: bool = True
+  conv_impl: str = "lax"
+  remat_ws: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     for i in range(self.num_blocks):
       x = InvertedResidual(self.expansion, self.out_planes, self.stride if i == 0 else 1,
-                           self.residual, name=f"block{i}")(x, train)
+                           self.residual, conv_impl=self.conv_impl, remat_ws=self.remat_ws,
+                           name=f"block{i}")(x, train)
     return x
 
 
 class FinalConv(nn.Module):
+  """1x1 WS conv to 1280 channels + GN, no ReLU (reference quirk)."""
+  conv_impl: str = "lax"
+  remat_ws: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    return L.group_norm("norm")(L.Conv(FEATURE_DIM, 1, 1, 0, ws=True, name="conv")(x))  # no ReLU
+    conv = L.Conv(FEATURE_DIM, 1, 1, 0, ws=True, conv_impl=self.conv_impl, remat_ws=self.remat_ws,
+                  name="conv")
+    return L.group_norm("norm")(conv(x))
 
 
 def mobilenetv2_layers(c_residual: bool):
@@ -89,4 +112,5 @@ def mobilenetv2_layers(c_residual: bool):
 
 def avg_pool_4(x):
   """The reference's hard-coded avg_pool2d(4): a 4x4 map becomes 1x1, then flattened."""
-  return nn.avg_pool(x, window_shape=(4, 4), strides=(4, 4), padding="VALID").reshape(x.shape[0], -1)
+  pooled = nn.avg_pool(x, window_shape=(4, 4), strides=(4, 4), padding="VALID")
+  return pooled.reshape(x.shape[0], -1)

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from mocosfl_jax.models import bottleneck as bnl
+from mocosfl_jax.models import conv as C
 from mocosfl_jax.models import heads
 from mocosfl_jax.models import layers as L
 from mocosfl_jax.models import mobilenetv2, resnet, vgg
@@ -45,8 +46,9 @@ class SplitConfig:
     ws: Weight Standardisation in the backbone convs (the stem is always WS, as the reference).
     c_residual: keep the skip connections of client-side blocks.
     width: base width of ResNets (64 in the papers; smaller only for tests).
-    conv_impl: how convolutions compute ('auto' = Winograd + shifted-view matmuls on CPU, XLA's conv
-      elsewhere; see layers.conv_impl). Changes speed only, never parameters.
+    conv_impl: how convolutions compute, one of conv.CONV_IMPLS ('auto' = Winograd + shifted-view
+      matmuls on CPU, XLA's conv elsewhere; see models/conv.py). Changes speed and float
+      rounding only, never parameters.
   """
   arch: str = "resnet18"
   cut: int = 1
@@ -98,8 +100,8 @@ def validate(cfg: SplitConfig) -> None:
   if not isinstance(cfg.cut, int) or cfg.cut < 1:
     raise ValueError(f"cut={cfg.cut!r} is invalid for {cfg.arch}: valid cuts are 1..{n} "
                      f"(larger values put the whole backbone on the client)")
-  if cfg.conv_impl not in L.CONV_IMPLS:
-    raise ValueError(f"conv_impl={cfg.conv_impl!r} is unknown; valid: {list(L.CONV_IMPLS)}")
+  if cfg.conv_impl not in C.CONV_IMPLS:
+    raise ValueError(f"conv_impl={cfg.conv_impl!r} is unknown; valid: {list(C.CONV_IMPLS)}")
   if cfg.head not in heads.KEY_DIM:
     raise ValueError(f"head={cfg.head!r} is unknown; valid: {list(heads.KEY_DIM)}")
   if cfg.arch in RESNETS:
@@ -142,23 +144,33 @@ def _arch(cfg: SplitConfig) -> _Arch:
 
 
 class ClientNet(nn.Module):
-  """layers[0:cut] (+ bottleneck tail)."""
+  """layers[0:cut] (+ bottleneck tail).
+
+  `remat_ws` (default on) makes its weight-standardised convs recompute the standardised kernels
+  in the backward pass (see layers.Conv): the client slice runs vmapped over every client, so
+  keeping them would hold a copy of every client's kernels.
+  """
   cfg: SplitConfig
   with_bottleneck: bool = True
+  remat_ws: bool = True
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     arch = _arch(self.cfg)
-    with L.conv_impl(self.cfg.conv_impl), L.remat_weight_standardisation():
-      for i in range(arch.cut):
-        x = arch.layers[i](name=f"layer{i}")(x, train)
-      if arch.bottleneck is not None and self.with_bottleneck:
-        x = bnl.BottleneckTail(arch.bottleneck, name="bottleneck")(x)
+    opts = dict(conv_impl=C.resolve_conv_impl(self.cfg.conv_impl), remat_ws=self.remat_ws)
+    for i in range(arch.cut):
+      x = arch.layers[i](name=f"layer{i}", **opts)(x, train)
+    if arch.bottleneck is not None and self.with_bottleneck:
+      x = bnl.BottleneckTail(arch.bottleneck, name="bottleneck", **opts)(x)
     return x
 
 
 class ServerNet(nn.Module):
-  """(bottleneck head +) layers[start:] + pooling + projection head."""
+  """(bottleneck head +) layers[start:] + pooling + projection head.
+
+  Its kernels exist once (not per client), so it keeps the standardised kernels for the
+  backward pass (`remat_ws=False`): recomputing them would only cost time.
+  """
   cfg: SplitConfig
   start: int
   cut_channels: int = 0
@@ -166,12 +178,12 @@ class ServerNet(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False, features_only: bool = False):
     arch = _arch(self.cfg)
-    with L.conv_impl(self.cfg.conv_impl):
-      if arch.bottleneck is not None and self.start > 0:
-        x = bnl.BottleneckHead(arch.bottleneck, self.cut_channels, arch.stride1_head_kernel,
-                               name="bottleneck")(x)
-      for i in range(self.start, len(arch.layers)):
-        x = arch.layers[i](name=f"layer{i}")(x, train)
+    conv_impl = C.resolve_conv_impl(self.cfg.conv_impl)
+    if arch.bottleneck is not None and self.start > 0:
+      x = bnl.BottleneckHead(arch.bottleneck, self.cut_channels, arch.stride1_head_kernel,
+                             conv_impl=conv_impl, name="bottleneck")(x)
+    for i in range(self.start, len(arch.layers)):
+      x = arch.layers[i](name=f"layer{i}", conv_impl=conv_impl, remat_ws=False)(x, train)
     features = arch.pool(x)
     if features_only:
       return features

@@ -1,9 +1,10 @@
-"""VGG-11/13/16/19 of the reference (spec §3.6): cfg entries are the layers, 'M' entries included.
+"""VGG-11/13/16/19 of the reference: cfg entries are the layers, 'M' entries included.
 
 A cut at N puts the first N cfg entries (conv or max-pool) on the client: VGG-13 cut 2 = two
 64-channel convs. Each conv entry is WS conv3x3 *with bias* (PyTorch default init) + GN + ReLU.
 The server flattens the final map (the reference assumes 1x1 spatial, i.e. 32x32 input: 512-d
-features); `c_residual` has no meaning here and is ignored, as in the reference.
+features); `c_residual` has no meaning here and is ignored, as in the reference. See
+docs/reference.md.
 """
 import functools
 
@@ -23,15 +24,22 @@ FEATURE_DIM = 512
 
 
 class ConvGNReLU(nn.Module):
+  """WS conv3x3 with bias + GN + ReLU; `conv_impl` and `remat_ws` go to the conv."""
   features: int
+  conv_impl: str = "lax"
+  remat_ws: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    y = L.Conv(self.features, 3, 1, 1, use_bias=True, ws=True, name="conv")(x)
+    y = L.Conv(self.features, 3, 1, 1, use_bias=True, ws=True, conv_impl=self.conv_impl,
+               remat_ws=self.remat_ws, name="conv")(x)
     return nn.relu(L.group_norm("norm")(y))
 
 
 class MaxPool(nn.Module):
+  """2x2 max-pool. It has no convolution; it takes the conv fields every backbone layer takes."""
+  conv_impl: str = "lax"
+  remat_ws: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = False):

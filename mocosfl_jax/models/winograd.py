@@ -1,10 +1,9 @@
 """Winograd F(m x m, 3 x 3) convolution with a custom VJP, for XLA:CPU (stride 1, padding 1).
 
 Why: on CPU the training step is bound by 3x3 convolutions, and XLA:CPU's own weight-gradient
-convolution is slow (~4 GFLOP/s here). Winograd F(4x4, 3x3) needs 36 multiplies per 4x4 output
-tile and input/output channel pair instead of 144 (4x fewer), F(2x2, 3x3) 16 instead of 36
-(2.25x); the rest are additions over tiles (memory-bound). Measured on this 2-core machine
-(bench/README.md) a ResNet-18 server pass is about 2x faster than the shifted-view matmul conv.
+convolution is slow. Winograd F(4x4, 3x3) needs 36 multiplies per 4x4 output tile and
+input/output channel pair instead of 144 (4x fewer), F(2x2, 3x3) 16 instead of 36 (2.25x); the
+rest are additions over tiles (memory-bound). bench/README.md has the measured speed-up.
 
 Forward: Y = A^T [ (G k G^T) . (B^T d B) ] A per tile, written as one batched matmul over the
 (m+2)^2 tile positions. Backward (custom VJP): dX is the same Winograd conv of dY with the
@@ -13,7 +12,9 @@ transforms, no strided-slice transposes), dK is V^T dM in the Winograd domain ma
 The maths equals a direct convolution; only float rounding differs (F(4,3) ~1e-5 relative to
 max|y| in float32, F(2,3) ~1e-6; tests/test_winograd.py).
 
-Differs from the reference on purpose: speed only (PyTorch uses oneDNN's direct convolution).
+`conv.conv_winograd` decides which convolutions take this path (`applies`) and computes the rest
+as shifted-view matmuls. Differs from the reference on purpose: speed only (PyTorch uses oneDNN's
+direct convolution).
 """
 import functools
 
@@ -81,7 +82,7 @@ def input_transform(x: jax.Array, m: int) -> jax.Array:
   th, tw = _tiles(h, w, m)
   xp = jnp.pad(x, ((0, 0), (1, 1 + th * m - h), (1, 1 + tw * m - w), (0, 0)))
   # B^T over tile rows, stacked, then B^T over tile columns of the stack: 2a slice-and-add
-  # passes instead of a + a^2 (XLA:CPU runs each as its own fusion; 1.3-1.5x faster here).
+  # passes instead of a + a^2 (XLA:CPU runs each pass as its own fusion, so fewer is faster).
   u = jnp.stack(_combine(bt, [xp[:, i:i + m * (th - 1) + 1:m] for i in range(a)]))
   v = _combine(bt, [u[:, :, :, j:j + m * (tw - 1) + 1:m] for j in range(a)])   # a x [a,n,th,tw,c]
   return jnp.stack(v, 1).reshape(a * a, n * th * tw, c)
@@ -149,14 +150,4 @@ def _conv3x3_bwd(m, res, dy):
 
 
 conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)
-
-
-def conv(x, kernel, stride: int, padding: int, groups: int = 1, m: int = 4):
-  """Drop-in for `layers.conv_matmul`: Winograd where it applies, the shifted-view matmul else."""
-  if m not in TILES:
-    raise ValueError(f'm={m!r}: valid Winograd tile sizes are {TILES}.')
-  if applies(kernel.shape, stride, padding, groups, x.shape, m):
-    return conv3x3(x, kernel, m)
-  from mocosfl_jax.models import layers  # pylint: disable=g-import-not-at-top
-  return layers.conv_matmul(x, kernel, stride, padding, groups)
 
