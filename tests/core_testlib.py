@@ -133,15 +133,8 @@ class StandInNet:
     return self._server.apply(variables, smashed, method=_Server.features)
 
 
-def tiny_net(client_bn: bool = False, server_bn: bool = False, head: str = 'V2'):
-  """The lead's resnet_tiny (cut 1, width 4, 8x8) when available, else the stand-in.
-
-  With resnet_tiny the BN flags are ignored; head='largeV2' gives it a server-side BatchNorm.
-  """
-  try:
-    from mocosfl_jax.models import SplitConfig, build  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return StandInNet(client_bn=client_bn, server_bn=server_bn or head == 'largeV2')
+def tiny_net(head: str = 'V2'):
+  """The models' resnet_tiny (cut 1, width 4, 8x8); head='largeV2' gives it a server BatchNorm."""
   return build(SplitConfig(arch='resnet_tiny', cut=1, input_size=8, bottleneck='None', head=head,
                            ws=True, c_residual=True, width=4))
 

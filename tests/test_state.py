@@ -22,7 +22,7 @@ def _cfg(**kw):
 
 
 def test_init_state_clients_identical_and_targets_are_copies():
-  net = tiny_net(client_bn=True, server_bn=True)
+  net = tiny_net()
   cs, ss = state.init_state(net, _cfg(), jax.random.key(0))
   for leaf in jax.tree.leaves((cs.online, cs.momentum, cs.opt_state)):
     assert leaf.shape[0] == 3
