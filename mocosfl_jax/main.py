@@ -1,4 +1,4 @@
-"""Trains a run: `python -m mocosfl_jax.main [--config FILE[:ARGS]] [--config.FIELD=VALUE] [--workdir DIR]`.
+"""Trains a run: `python -m mocosfl_jax.main [--config FILE[:ARGS]] [--config.F=V] [--workdir DIR]`.
 
 Kept short on purpose (as flax's examples): flags in, `train.train_and_evaluate` out. Without
 --config it runs the offline quickstart, whose config ships with the package
