@@ -1,11 +1,11 @@
 """PyTorch step with the reference's structure, timed side by side with the JAX step (optional).
 
 Not the reference itself (its code is not in this repository): the same maths and the same
-control flow as spec §1.3 / §11.1 — Python loop over the pool for client forward (with the
-per-parameter EMA loop and a no-grad target forward), one server `compute` with the original
-symmetric loss (W(Aq), W'(Ak), W(Ak), W'(Aq)) against a K x 1024 queue, server SGD, then a Python
-loop of per-client `backward(grad)` + SGD + scheduler steps, zero_grad over all N optimizers and
-FedAvg at sync steps. ResNet-18 GroupNorm + WS convs, V2 head, NCHW (PyTorch's default), CPU.
+control flow as the reference's training step: a Python loop over the pool for client forward
+(with the per-parameter EMA loop and a no-grad target forward), one server `compute` with the
+original symmetric loss (W(Aq), W'(Ak), W(Ak), W'(Aq)) against a K x 1024 queue, server SGD,
+then a Python loop of per-client `backward(grad)` + SGD + scheduler steps, zero_grad over all N
+optimizers and FedAvg at sync steps. ResNet-18 GroupNorm + WS convs, V2 head, NCHW (PyTorch's default), CPU.
 It gives a reference-shaped figure measured under the same machine load as our benchmarks.
 
 Needs torch (not a project dependency); run it with an interpreter that has it:

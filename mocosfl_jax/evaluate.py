@@ -6,7 +6,7 @@
 Everything is rebuilt from the checkpoint's own metadata (model, config, dataset): no training
 process is needed. Features come from client 0's online slice + the server's online backbone
 (the reference's choice; after a sync every client holds the same model). The kNN monitor uses
-the projection output (spec §5.1); the probes use pooled backbone features (§5.2-5.3). Both the
+the projection output, as the reference's monitor; the probes use pooled backbone features. Both the
 reference's "best test accuracy over epochs" and the final-epoch accuracy are reported.
 Results are printed and written to `<workdir>/eval_<step>.json`.
 """

@@ -33,7 +33,7 @@ def test_reference_noniid_100_clients_can_repeat_a_class():
   parts = partition(labels, 100, method="shards", noniid_ratio=0.2, seed=1)
   assert {len(p) for p in parts} == {500}
   classes = [len(np.unique(labels[p])) for p in parts]
-  # 200 pure shards of 250 (20 per class): "2 classes" is an upper bound (spec §4.3, §10.28).
+  # 200 pure shards of 250 (20 per class): the reference's "2 classes" is an upper bound.
   assert max(classes) == 2 and min(classes) == 1
   for p in parts:
     counts = np.bincount(labels[p], minlength=10)

@@ -77,7 +77,7 @@ def benchmark(args) -> None:
           "backend": jax.default_backend(),
           "device": getattr(device, "device_kind", str(device)),
           "num_devices": jax.device_count(),
-          "load_avg_1min": os.getloadavg()[0],  # this 2-core machine is often shared
+          "load_avg_1min": os.getloadavg()[0],  # other load on the machine skews timings
       },
       "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
   }

@@ -1,4 +1,4 @@
-"""MoCo v1 / v2 two-view augmentation as pure, jit- and vmap-friendly JAX (spec §4.2).
+"""MoCo v1 / v2 two-view augmentation as pure, jit- and vmap-friendly JAX.
 
 The reference runs torchvision transforms on PIL images on the CPU, one image at a time; here every
 random decision is drawn from an explicit key and applied with `where`-selects, so a whole
@@ -53,8 +53,8 @@ BLUR_RADIUS = int(math.ceil(3 * BLUR_SIGMA[1]))
 
 # ------------------------------------------------------------------ deterministic ops (float [0,1])
 # Every op takes `channel_axis` (-1: HWC, 0: CHW). The pipeline runs planar (CHW): XLA:CPU
-# vectorises [3, H, W] elementwise chains far better than a trailing size-3 axis (the colour jitter
-# ran ~5x faster), and the crop-resize einsum writes CHW directly at no cost.
+# vectorises [3, H, W] elementwise chains far better than a trailing size-3 axis, and the
+# crop-resize einsum writes CHW directly at no cost.
 
 def _spatial_axes(img, channel_axis):
   return (-3, -2) if channel_axis in (-1, img.ndim - 1) else (-2, -1)
@@ -303,8 +303,8 @@ def two_views(key, images, mean, std, pipeline: str = "mocov2", out_size=None,
   fn = functools.partial(augment, mean=mean, std=std, pipeline=pipeline, out_size=out_size,
                          crop_scale=crop_scale)
   keys = jax.random.split(key, 2 * flat.shape[0])  # view q: first half, view k: second half
-  # One flat vmap over both views (one traced body; ~2x faster on CPU than nesting a view vmap
-  # over broadcast images, whose batched einsums XLA lays out badly).
+  # One flat vmap over both views (one traced body; faster on CPU than nesting a view vmap over
+  # broadcast images, whose batched einsums XLA lays out badly).
   out = jax.vmap(fn)(keys, jnp.concatenate([flat, flat]))
   out = out.reshape((2,) + lead + out.shape[1:])
   return out[0], out[1]

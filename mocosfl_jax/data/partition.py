@@ -1,4 +1,4 @@
-"""Client data split (spec §4.3): data_proportion subset, then IID blocks, label shards or Dirichlet.
+"""Client data split (the reference's): data_proportion subset, then IID, label shards or Dirichlet.
 
 All randomness comes from one `np.random.default_rng(seed)`, so a seed fixes the split on every
 machine. The reference draws from torch's and numpy's *global* RNGs instead, so the same seed does not

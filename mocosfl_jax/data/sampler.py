@@ -69,7 +69,7 @@ def _check_batch_size(min_count: int, batch_size: int, counts=None) -> None:
 def num_batches_per_epoch(counts, batch_size: int, client: int = 0, drop_last: bool = False) -> int:
   """Steps per training epoch as the reference counts them: S = len(client 0's loader).
 
-  The reference's loaders use drop_last=False, so S = ceil(n_client / B) (spec §1.2), although each
+  The reference's loaders use drop_last=False, so S = ceil(n_client / B), although each
   shuffle pass of the stream only yields floor(n_c / B) full batches (the short batch triggers a
   reshuffle); `drop_last=True` returns that pass length instead. Training epochs and shuffle passes
   therefore drift apart, which `batch_indices` handles through the per-client draw counters.

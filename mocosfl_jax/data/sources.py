@@ -1,6 +1,6 @@
 """Dataset sources: every dataset becomes one in-memory uint8 array plus its normalisation constants.
 
-Why in memory: augmentation and client sampling run on the accelerator (spec §11.2), so the whole
+Why in memory: augmentation and client sampling run on the accelerator, so the whole
 training split is decoded once into `uint8 [n, H, W, 3]` (CIFAR-10: 150 MB) and indexed there.
 
 tfds datasets are read **without TensorFlow** through `tfds.data_source` on a dataset prepared once in
@@ -8,7 +8,7 @@ tfds datasets are read **without TensorFlow** through `tfds.data_source` on a da
 imports it). Records are stored shuffled, so examples are sorted by their `id` feature where the
 dataset has one (CIFAR, SVHN); STL-10 has no id and keeps tfds's deterministic storage order.
 
-Normalisation constants are the reference's (spec §4.1), including its quirks: the CIFAR-10 std is the
+Normalisation constants are the reference's, including its quirks: the CIFAR-10 std is the
 common 0.2023/0.1994/0.2010 (not the true pixel std) and the STL-10 SSL split (`train` =
 train+unlabelled) is normalised with the CIFAR-10 constants while its eval splits use STL's.
 """
@@ -20,7 +20,7 @@ import os
 import pathlib
 import numpy as np
 
-# (mean, std), RGB, on the [0, 1] scale; spec §4.1.
+# (mean, std), RGB, on the [0, 1] scale; the reference's constants.
 CIFAR10_MEAN_STD = ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
 NORMALISATION = {
     "cifar10": CIFAR10_MEAN_STD,
@@ -214,7 +214,7 @@ def _load_tfds(name: str, split: str, data_dir, image_size):
   images = _resize_uint8(images, size)
   mean, std = NORMALISATION[name]
   if name == "stl10" and split == "train":
-    mean, std = CIFAR10_MEAN_STD  # reference quirk, spec §4.1 / §10.17
+    mean, std = CIFAR10_MEAN_STD  # the reference's quirk (module docstring)
   return ArrayDataset(images, labels, spec.num_classes, np.array(mean), np.array(std), size, name)
 
 
