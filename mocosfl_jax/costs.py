@@ -13,15 +13,15 @@ network's activations), and counts a model sync in one direction only. We count
              (two_view form: 2B rows each way; frozen client: uploads only),
   per sync:  upload the client model and download the average (x2 with momentum sync).
 """
-import argparse
 import dataclasses
 import json
 import math
-import sys
 
 import jax
 import jax.numpy as jnp
+from absl import flags
 
+from mocosfl_jax import cli
 from mocosfl_jax.models import SplitConfig, build, num_layers
 from mocosfl_jax.models.layers import count_params
 
@@ -151,31 +151,31 @@ def _parse_cuts(text: str | None):
   return cuts
 
 
-def main(argv=None) -> int:
-  p = argparse.ArgumentParser(prog="python -m mocosfl_jax.costs", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--arch", default="resnet18")
-  p.add_argument("--bottleneck", default="None")
-  p.add_argument("--input-size", type=int, default=32)
-  p.add_argument("--head", default="V2")
-  p.add_argument("--cuts", help="e.g. '1-9' or '1,2,5' (default: every cut)")
-  p.add_argument("--batch-size", type=int, default=1)
-  p.add_argument("--samples-per-client", type=int, default=50)
-  p.add_argument("--epochs", type=int, default=200)
-  p.add_argument("--sync-every", type=int, default=50, help="steps between syncs")
-  p.add_argument("--loss-form", default="original", choices=["original", "two_view", "single"])
-  p.add_argument("--momentum-sync", action="store_true", help="MonAcoSFL: sync momentum models")
-  p.add_argument("--frozen-client", action="store_true", help="TAResSFL deployment")
-  p.add_argument("--json", action="store_true")
-  a = p.parse_args(argv)
-  try:
-    traffic = Traffic(a.batch_size, a.samples_per_client, a.epochs, a.sync_every, a.loss_form,
-                      a.momentum_sync, a.frozen_client)
-    rows = cost_table(a.arch, bottleneck=a.bottleneck, input_size=a.input_size, head=a.head,
-                      cuts=_parse_cuts(a.cuts), traffic=traffic)
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+def define_flags(flag_values: flags.FlagValues, argv) -> None:
+  del argv
+  fv = dict(flag_values=flag_values)
+  flags.DEFINE_string("arch", "resnet18", "Backbone.", **fv)
+  flags.DEFINE_string("bottleneck", "None", "Client-side bottleneck, e.g. C4S2.", **fv)
+  flags.DEFINE_integer("input-size", 32, "Input image size.", **fv)
+  flags.DEFINE_string("head", "V2", "Projection head.", **fv)
+  flags.DEFINE_string("cuts", None, "e.g. '1-9' or '1,2,5' (default: every cut).", **fv)
+  flags.DEFINE_integer("batch-size", 1, "Images per client step.", **fv)
+  flags.DEFINE_integer("samples-per-client", 50, "Training images per client.", **fv)
+  flags.DEFINE_integer("epochs", 200, "Training epochs.", **fv)
+  flags.DEFINE_integer("sync-every", 50, "Steps between syncs.", **fv)
+  flags.DEFINE_enum("loss-form", "original", ["original", "two_view", "single"], "Loss form.",
+                    **fv)
+  flags.DEFINE_bool("momentum-sync", False, "MonAcoSFL: sync momentum models.", **fv)
+  flags.DEFINE_bool("frozen-client", False, "TAResSFL deployment.", **fv)
+  flags.DEFINE_bool("json", False, "Print JSON instead of a table.", **fv)
+
+
+def costs_command(a) -> int:
+  """Prints the cost table (or its JSON) for the flags' architecture and traffic."""
+  traffic = Traffic(a.batch_size, a.samples_per_client, a.epochs, a.sync_every, a.loss_form,
+                    a.momentum_sync, a.frozen_client)
+  rows = cost_table(a.arch, bottleneck=a.bottleneck, input_size=a.input_size, head=a.head,
+                    cuts=_parse_cuts(a.cuts), traffic=traffic)
   if a.json:
     print(json.dumps({"arch": a.arch, "bottleneck": a.bottleneck, "input_size": a.input_size,
                       "traffic": dataclasses.asdict(traffic), "rows": rows}, indent=1))
@@ -186,5 +186,10 @@ def main(argv=None) -> int:
   return 0
 
 
+def main(argv=None) -> int:
+  """Runs the command (argv without the program name; None: sys.argv, as a program)."""
+  return cli.run(define_flags, costs_command, argv, errors=(ValueError,))
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  main()

@@ -6,40 +6,41 @@
 The command-line front of evaluation/protocols.py (what each protocol computes is described
 there). Results are printed and written to `<workdir>/eval_<step>.json`.
 """
-import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
+from absl import flags
+
+from mocosfl_jax import cli
 from mocosfl_jax.evaluation import probes
 from mocosfl_jax.evaluation.protocols import PROTOCOLS, evaluate
 
 
-def main(argv=None) -> int:
-  a = argparse.ArgumentParser(prog="python -m mocosfl_jax.evaluate", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  a.add_argument("--workdir", required=True)
-  a.add_argument("--checkpoint", default="best", help="latest, best or a step number")
-  a.add_argument("--protocol", default="knn,linear,semi")
-  a.add_argument("--recipe", default="reference,clean", help="reference and/or clean")
-  a.add_argument("--epochs", type=int, default=100)
-  a.add_argument("--seed", type=int, default=0)
-  args = a.parse_args(argv)
+def define_flags(flag_values: flags.FlagValues, argv) -> None:
+  del argv
+  flags.DEFINE_string("workdir", None, "Training run directory (holds checkpoints/).",
+                      flag_values=flag_values, required=True)
+  flags.DEFINE_string("checkpoint", "best", "latest, best or a step number.",
+                      flag_values=flag_values)
+  flags.DEFINE_string("protocol", "knn,linear,semi", "Comma list of knn, linear, semi.",
+                      flag_values=flag_values)
+  flags.DEFINE_string("recipe", "reference,clean", "Probe recipes: reference and/or clean.",
+                      flag_values=flag_values)
+  flags.DEFINE_integer("epochs", 100, "Probe training epochs.", flag_values=flag_values)
+  flags.DEFINE_integer("seed", 0, "Probe seed.", flag_values=flag_values)
+
+
+def evaluate_command(args) -> int:
+  """Evaluates, prints the results and writes them to <workdir>/eval_<step>.json."""
   protocols = tuple(filter(None, args.protocol.split(",")))
   recipes = tuple(filter(None, args.recipe.split(",")))
   bad = [x for x in protocols if x not in PROTOCOLS] + [r for r in recipes if r not in
                                                          probes.RECIPES]
   if bad:
-    print(f"error: unknown protocol/recipe {bad}; valid: {PROTOCOLS} and {probes.RECIPES}",
-          file=sys.stderr)
-    return 2
+    raise ValueError(f"unknown protocol/recipe {bad}; valid: {PROTOCOLS} and {probes.RECIPES}")
   t0 = time.time()
-  try:
-    results = evaluate(args.workdir, args.checkpoint, protocols, recipes, args.epochs, args.seed)
-  except (FileNotFoundError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  results = evaluate(args.workdir, args.checkpoint, protocols, recipes, args.epochs, args.seed)
   results["seconds"] = time.time() - t0
   out = Path(args.workdir) / f"eval_{results['step']}.json"
   out.write_text(json.dumps(results, indent=1))
@@ -48,5 +49,10 @@ def main(argv=None) -> int:
   return 0
 
 
+def main(argv=None) -> int:
+  """Runs the command (argv without the program name; None: sys.argv, as a program)."""
+  return cli.run(define_flags, evaluate_command, argv, errors=(FileNotFoundError, ValueError))
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  main()

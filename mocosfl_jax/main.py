@@ -1,52 +1,52 @@
-"""Entry point: `python -m mocosfl_jax.main [--config configs/NAME.py] [--workdir DIR]`.
+"""Trains a run: `python -m mocosfl_jax.main [--config FILE[:ARGS]] [--config.F=V] [--workdir DIR]`.
 
-Kept short on purpose (as flax's examples): flags in, `train.train_and_evaluate` out. With no
-arguments it runs the offline quickstart (configs/quickstart.py) into runs/quickstart.
+Kept short on purpose (as flax's examples): flags in, `train.train_and_evaluate` out. Without
+--config it runs the offline quickstart, whose config ships with the package
+(mocosfl_jax/quickstart.py), into runs/quickstart. --config takes any config file by path
+(configs/*.py, anything after ':' goes to its get_config), and each --config.FIELD=VALUE
+overrides one field of whichever config is used. A --workdir that holds checkpoints is resumed.
+The flags follow the package's command-line convention (mocosfl_jax/cli.py).
 """
 import json
 import os
-from pathlib import Path
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-def _default_config() -> str:
-  """configs/quickstart.py of the checkout (cwd first, then next to the package)."""
-  for root in (Path.cwd(), Path(__file__).resolve().parent.parent):
-    if (root / "configs" / "quickstart.py").exists():
-      return str(root / "configs" / "quickstart.py")
-  return "configs/quickstart.py"  # config_flags then reports the missing file by name
+from mocosfl_jax import cli, quickstart
+
+DEFAULT_CONFIG = quickstart.__file__
+DEFAULT_WORKDIR = "runs/quickstart"
 
 
-_DEFAULT_CONFIG = _default_config()
-_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Run config file.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", "runs/quickstart", "Run directory (resumes if it "
-                               "holds checkpoints).")
+def define_flags(flag_values: flags.FlagValues, argv) -> None:
+  config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Run config file (default: the "
+                                  "packaged quickstart).", flag_values=flag_values,
+                                  lock_config=True, sys_argv=list(argv))
+  flags.DEFINE_string("workdir", DEFAULT_WORKDIR, "Run directory (resumes if it holds "
+                      "checkpoints).", flag_values=flag_values)
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  import jax  # after flags, so --help stays fast
-  from mocosfl_jax import parallel
-  from mocosfl_jax.run import train
+def train(args) -> int:
+  import jax  # pylint: disable=g-import-not-at-top  (after flags, so --help stays fast)
+  from mocosfl_jax import parallel  # pylint: disable=g-import-not-at-top
+  from mocosfl_jax.run import train as train_lib  # pylint: disable=g-import-not-at-top
   # Multi-host: jax.distributed must start before anything touches the backend (jax.devices).
-  parallel.maybe_initialize_distributed(_CONFIG.value.get("distributed", None) or None)
+  parallel.maybe_initialize_distributed(args.config.get("distributed", None) or None)
   logging.info("JAX process %d/%d, devices: %s", jax.process_index(), jax.process_count(),
                jax.devices())
-  results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  results = train_lib.train_and_evaluate(args.config, args.workdir)
   print(json.dumps(results, indent=1))
   print(f"final test kNN accuracy: {results['last']['test_knn_accuracy']:.2f}% (last), "
         f"{results['best']['test_knn_accuracy']:.2f}% (selected on validation, step "
-        f"{results['best']['step']}); run directory: {os.path.abspath(_WORKDIR.value)}")
+        f"{results['best']['step']}); run directory: {os.path.abspath(args.workdir)}")
+  return 0
 
 
-def run():
-  # orbax logs every checkpoint write at INFO; progress and results are printed instead.
-  logging.set_verbosity(logging.WARNING)
-  app.run(main)
+def main(argv=None) -> int:
+  """Runs the command (argv without the program name; None: sys.argv, as a program)."""
+  return cli.run(define_flags, train, argv, errors=())
 
 
 if __name__ == "__main__":
-  run()
+  main()

@@ -3,10 +3,6 @@
 Set before any JAX op runs; the cache lives outside the repository so CI reuses it between runs.
 """
 import os
-import sys
-
-# configs/*.py are loaded by path in production; tests import them as a package from the root.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 flags = os.environ.get("XLA_FLAGS", "")

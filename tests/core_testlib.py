@@ -1,11 +1,15 @@
-"""Shared helpers of the training-core tests (not collected by pytest): tiny nets, step cases.
+"""Shared helpers of the tests (not collected by pytest): tiny nets, step cases, config files.
 
-`tiny_net()` returns the lead's `resnet_tiny` from mocosfl_jax.models once that package exists,
-else a stand-in with exactly the contract's interface (init_client / init_server / apply_client /
-apply_server / server_features, smashed_shape, key_dim, feature_dim). The stand-in can put a
-BatchNorm on each side so the tests also cover running-stat threading and averaging.
+`tiny_net()` is the models package's `resnet_tiny` (cut 1, width 4, 8x8). `StandInNet` is a
+smaller split net with exactly the models' interface (init_client / init_server / apply_client /
+apply_server / server_features, smashed_shape, key_dim, feature_dim) that can put a BatchNorm on
+each side, so the step tests also cover running-stat threading and averaging (resnet_tiny has
+no client-side BatchNorm). `load_config(name)` loads configs/<name>.py by path, as
+`python -m mocosfl_jax.main --config configs/<name>.py` does.
 """
 import dataclasses
+import importlib.util
+from pathlib import Path
 
 import chex
 import flax.linen as nn
@@ -13,13 +17,29 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+import mocosfl_jax
 from mocosfl_jax.algorithm import plan
 from mocosfl_jax.algorithm.plan import StepConfig
+from mocosfl_jax.models import SplitConfig, build
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / 'configs'
+# The directory holding the mocosfl_jax under test: subprocesses get it as PYTHONPATH, so they
+# import the same copy (a checkout, an editable or a regular install).
+PACKAGE_PARENT = str(Path(mocosfl_jax.__file__).resolve().parent.parent)
+
+
+def load_config(name):
+  """The module of configs/<name>.py, loaded by path as ml_collections' config_flags loads it."""
+  path = CONFIG_DIR / f'{name}.py'
+  spec = importlib.util.spec_from_file_location(f'config_{name}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 @pytest.fixture(scope='module')
 def fast_compile():
-  """XLA with most optimisations off: 2-4x faster compiles of these tiny nets, same numbers."""
+  """XLA with most optimisations off: these tiny nets compile faster, to the same numbers."""
   prev = jax.config.values['jax_disable_most_optimizations']
   jax.config.update('jax_disable_most_optimizations', True)
   yield
@@ -61,7 +81,7 @@ class _Server(nn.Module):
 
 @dataclasses.dataclass(frozen=True)
 class StandInNet:
-  """Contract-shaped split net: conv+GN(+BN) client, conv+GN+GAP+MLP(+BN) server."""
+  """A split net with the models' interface: conv+GN(+BN) client, conv+GN+GAP+MLP(+BN) server."""
   width: int = 4
   input_size: int = 8
   key_dim: int = 8
@@ -113,15 +133,8 @@ class StandInNet:
     return self._server.apply(variables, smashed, method=_Server.features)
 
 
-def tiny_net(client_bn: bool = False, server_bn: bool = False, head: str = 'V2'):
-  """The lead's resnet_tiny (cut 1, width 4, 8x8) when available, else the stand-in.
-
-  With resnet_tiny the BN flags are ignored; head='largeV2' gives it a server-side BatchNorm.
-  """
-  try:
-    from mocosfl_jax.models import SplitConfig, build  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return StandInNet(client_bn=client_bn, server_bn=server_bn or head == 'largeV2')
+def tiny_net(head: str = 'V2'):
+  """The models' resnet_tiny (cut 1, width 4, 8x8); head='largeV2' gives it a server BatchNorm."""
   return build(SplitConfig(arch='resnet_tiny', cut=1, input_size=8, bottleneck='None', head=head,
                            ws=True, c_residual=True, width=4))
 
@@ -129,8 +142,8 @@ def tiny_net(client_bn: bool = False, server_bn: bool = False, head: str = 'V2')
 # ---- shared step-test cases (same objects across test files => one compile per case) ----------
 
 _COMMON = dict(batch_size=2, num_epochs=3, steps_per_epoch=4, avg_freq=2, lr=0.06)
-# Each case: (net builder, StepConfig kwargs). Two cases run the lead's resnet_tiny; two run the
-# stand-in, which is ~4x cheaper to compile and is the only tiny net with a *client-side*
+# Each case: (net builder, StepConfig kwargs). Two cases run resnet_tiny; two run the
+# stand-in, which is cheaper to compile and is the only tiny net with a *client-side*
 # BatchNorm (per-client running stats under vmap).
 CASES = {
     # MocoSFL: original two-term loss, all clients, shared queue (24 keys/step, K=40 wraps).

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mocosfl_jax.benchmarks.compiles import count_compiles
 from mocosfl_jax.data.sampler import batch_indices
 from mocosfl_jax.data.sampler import ClientTable
 from mocosfl_jax.data.sampler import num_batches_per_epoch
@@ -73,9 +74,9 @@ def test_no_recompile_for_new_values():
   key = jax.random.key(4)
   ids = jnp.array([0, 1, 2], jnp.int32)
   batch_indices(TABLE, ids, jnp.array([0, 0, 0]), B, key)
-  before = batch_indices._cache_size()  # pylint: disable=protected-access
-  batch_indices(TABLE, ids[::-1], jnp.array([5, 9, 1]), B, jax.random.key(5))
-  assert batch_indices._cache_size() == before  # pylint: disable=protected-access
+  with count_compiles(batch_indices) as compiles:
+    batch_indices(TABLE, ids[::-1], jnp.array([5, 9, 1]), B, jax.random.key(5))
+  assert compiles.count == 0
 
 
 def test_jit_inside_a_step():

@@ -3,9 +3,12 @@ import json
 
 import pytest
 
-from configs import tiny
 from mocosfl_jax import evaluate
 from mocosfl_jax.run import train
+
+from core_testlib import load_config
+
+tiny = load_config("tiny")
 
 
 def test_evaluate_cli_on_a_finished_run(tmp_path, capsys):

@@ -24,16 +24,12 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from export import quantize, run_client, to_onnx  # noqa: E402
-from mocosfl_jax.deploy import client_checkpoint, onnx_export  # noqa: E402
-from mocosfl_jax.run import checkpoints  # noqa: E402
-from mocosfl_jax.models import SplitConfig, build  # noqa: E402
-from mocosfl_jax.models import layers as L  # noqa: E402
-from mocosfl_jax.algorithm.plan import StepConfig  # noqa: E402
-from mocosfl_jax.algorithm.state import abstract_train_state  # noqa: E402
+from mocosfl_jax.deploy import client_checkpoint, onnx_export, quantize, run_client, to_onnx
+from mocosfl_jax.run import checkpoints
+from mocosfl_jax.models import SplitConfig, build
+from mocosfl_jax.models import layers as L
+from mocosfl_jax.algorithm.plan import StepConfig
+from mocosfl_jax.algorithm.state import abstract_train_state
 
 TOL = 1e-4
 # The eager JAX references run one XLA op per jnp call; XLA's own conv is one op, the CPU default
@@ -438,7 +434,7 @@ def test_run_client_without_jax_bench_and_normalisation(exported):
           "for m in ('jax', 'jaxlib', 'flax', 'mocosfl_jax', 'onnx'): sys.modules[m] = None\n"
           "sys.argv = sys.argv[1:]\n"
           "runpy.run_path(sys.argv[0], run_name='__main__')\n")
-  argv = [sys.executable, "-c", code, str(ROOT / "export" / "run_client.py"), "--model",
+  argv = [sys.executable, "-c", code, run_client.__file__, "--model",
           str(d / "c.onnx"), "--npy", str(d / "u8.npy"), "--out", str(d / "s.npy"), "--bench", "5"]
   proc = subprocess.run(argv, capture_output=True, text=True, timeout=120,
                         env={**os.environ, "PYTHONPATH": ""})

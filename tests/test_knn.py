@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mocosfl_jax.benchmarks.compiles import count_compiles
 from mocosfl_jax.evaluation import knn
 
 N, Q, D, C = 300, 70, 8, 5
@@ -46,12 +47,13 @@ def test_matches_brute_force(data):
 
 def test_chunked_equals_unchunked_and_no_recompile(data):
   bank, bank_y, queries, _ = data
-  before = knn.TRACE_COUNTS["chunk_scores"]
-  chunked = knn.knn_scores(queries, bank, bank_y, C, k=10, chunk_size=16)  # 5 chunks, last padded
-  after_first = knn.TRACE_COUNTS["chunk_scores"]
-  assert after_first - before <= 1  # one shape for all chunks, padded tail included
-  knn.knn_scores(queries[:37], bank, bank_y, C, k=10, chunk_size=16)  # another padded tail
-  assert knn.TRACE_COUNTS["chunk_scores"] == after_first
+  scores_fn = knn._chunk_scores  # pylint: disable=protected-access  (the jitted chunk scorer)
+  with count_compiles(scores_fn) as first:
+    chunked = knn.knn_scores(queries, bank, bank_y, C, k=10, chunk_size=16)  # 5 chunks, last padded
+  assert first.count <= 1  # one shape for all chunks, padded tail included
+  with count_compiles(scores_fn) as second:
+    knn.knn_scores(queries[:37], bank, bank_y, C, k=10, chunk_size=16)  # another padded tail
+  assert second.count == 0
   whole = knn.knn_scores(queries, bank, bank_y, C, k=10, chunk_size=Q)
   np.testing.assert_allclose(chunked, whole, rtol=1e-6)
   chex.assert_shape(chunked, (Q, C))

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from core_testlib import fast_compile  # noqa: F401  pylint: disable=unused-import
-from core_testlib import assert_states_close, case, copy_tree, pool_for, tiny_net, views
+from core_testlib import (PACKAGE_PARENT, assert_states_close, case, copy_tree, pool_for,
+                          tiny_net, views)
 from mocosfl_jax import parallel
 from mocosfl_jax.algorithm import plan, state, sync
 from mocosfl_jax.data import sampler
@@ -231,8 +232,7 @@ def test_two_processes_on_loopback(tmp_path):
   script = tmp_path / 'worker.py'
   script.write_text(_WORKER)
   env = {k: v for k, v in __import__('os').environ.items() if not k.startswith(('XLA_', 'JAX_'))}
-  root = str(__import__('pathlib').Path(__file__).resolve().parent.parent)
-  env['PYTHONPATH'] = root
+  env['PYTHONPATH'] = PACKAGE_PARENT
   procs = [subprocess.Popen([sys.executable, str(script), str(i), f'127.0.0.1:{port}'], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
            for i in range(2)]
@@ -264,7 +264,7 @@ def test_two_process_training_run_equals_one_process(tmp_path):
     s.bind(('127.0.0.1', 0))
     port = s.getsockname()[1]
   env = {k: v for k, v in os.environ.items() if not k.startswith(('XLA_', 'JAX_', 'MOCOSFL_'))}
-  env.update(PYTHONPATH=str(root), JAX_PLATFORMS='cpu')
+  env.update(PYTHONPATH=PACKAGE_PARENT, JAX_PLATFORMS='cpu')
   dist = dict(MOCOSFL_DISTRIBUTED='1', JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}',
               JAX_NUM_PROCESSES='2', JAX_CPU_COLLECTIVES_IMPLEMENTATION='gloo',
               XLA_FLAGS='--xla_force_host_platform_device_count=2')

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from mocosfl_jax.algorithm import queue as queue_lib
+from mocosfl_jax.benchmarks.compiles import count_compiles
 
 
 def test_init_is_normalised_per_key():
@@ -36,14 +37,17 @@ def test_enqueue_traced_pointer_matches_modular_reference():
   q = jnp.zeros((k, d))
   ref = np.zeros((k, d))
   ptr, p = jnp.int32(0), 0
+  compiles = []
   for step in range(6):
     keys = jax.random.normal(jax.random.key(step), (b, d))
-    q, ptr = f(q, ptr, keys)
+    with count_compiles(f) as c:
+      q, ptr = f(q, ptr, keys)
+    compiles.append(c.count)
     ref[(p + np.arange(b)) % k] = np.asarray(keys)
     p = (p + b) % k
     np.testing.assert_array_equal(q, ref)
     assert int(ptr) == p
-  assert f._cache_size() == 1
+  assert compiles[1:] == [0] * 5                              # one executable for every ptr
 
 
 def test_enqueue_rejects_too_many_keys():

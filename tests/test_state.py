@@ -22,7 +22,7 @@ def _cfg(**kw):
 
 
 def test_create_train_state_clients_identical_and_targets_are_copies():
-  net = tiny_net(client_bn=True, server_bn=True)
+  net = tiny_net()
   st = state.create_train_state(net, _cfg(), jax.random.key(0))
   cs, ss = st.clients, st.server
   for leaf in jax.tree.leaves((cs.online, cs.momentum, cs.opt_state)):

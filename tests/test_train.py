@@ -6,11 +6,14 @@ import jax
 import numpy as np
 import pytest
 
-from configs import tiny
 from mocosfl_jax import experiment
 from mocosfl_jax.run import checkpoints, metrics, train
 from mocosfl_jax.algorithm import state as state_lib
 from mocosfl_jax.models import build
+
+from core_testlib import load_config
+
+tiny = load_config("tiny")
 
 
 def _final_state(workdir, config):

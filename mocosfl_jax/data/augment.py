@@ -232,12 +232,6 @@ def jitter_from_uniforms(u, img, strengths=JITTER, channel_axis: int = -1):
   return jax.lax.fori_loop(0, 4, step, img)
 
 
-def color_jitter(key, img, strengths=JITTER, channel_axis: int = -1):
-  """Random torchvision ColorJitter (always applied; the pipeline wraps it in p = 0.8)."""
-  u = jax.random.uniform(key, (JITTER_UNIFORMS,))
-  return jitter_from_uniforms(u, img, strengths, channel_axis)
-
-
 def _maybe(u, p, fn, img):
   """Applies fn with probability p (u ~ U(0,1); same rule as jax.random.bernoulli)."""
   return jnp.where(u < p, fn(img), img)

@@ -14,7 +14,6 @@ and its layout checked.
 """
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import pathlib
 import shutil
@@ -22,6 +21,9 @@ import sys
 import tarfile
 import zipfile
 
+from absl import flags
+
+from mocosfl_jax import cli
 from mocosfl_jax.data import sources
 
 PREPARE_EXTRA = "pip install .[prepare]   (or: pip install tensorflow-cpu)"
@@ -125,21 +127,33 @@ def prepare_folder(name: str, data_dir: pathlib.Path, manual_dir: pathlib.Path |
     print(f"{name}/{split}: {len(classes)} classes in {root / folder}")
 
 
-def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--dataset", required=True, choices=sources.DATASETS)
-  parser.add_argument("--data_dir", required=True, type=pathlib.Path)
-  parser.add_argument("--manual_dir", type=pathlib.Path, default=None,
-                      help="folder holding the downloaded archive(s); no network is used then")
-  args = parser.parse_args(argv)
-  if args.manual_dir is not None and not args.manual_dir.is_dir():
-    sys.exit(f"--manual_dir {args.manual_dir} is not a directory")
+def define_flags(flag_values: flags.FlagValues, argv) -> None:
+  del argv
+  flags.DEFINE_enum("dataset", None, sources.DATASETS, "Dataset to prepare.",
+                    flag_values=flag_values, required=True)
+  flags.DEFINE_string("data_dir", None, "Where the prepared dataset goes (the training "
+                      "config's data_dir).", flag_values=flag_values, required=True)
+  flags.DEFINE_string("manual_dir", None, "Folder holding the downloaded archive(s); no network "
+                      "is used then.", flag_values=flag_values)
+
+
+def prepare_command(args) -> None:
+  """Prepares one dataset; a problem the user must fix exits with its explanation."""
+  data_dir = pathlib.Path(args.data_dir)
+  manual_dir = None if args.manual_dir is None else pathlib.Path(args.manual_dir)
+  if manual_dir is not None and not manual_dir.is_dir():
+    sys.exit(f"--manual_dir {manual_dir} is not a directory")
   if args.dataset in sources.TFDS_DATASETS:
-    prepare_tfds(args.dataset, args.data_dir, args.manual_dir)
+    prepare_tfds(args.dataset, data_dir, manual_dir)
   elif args.dataset in sources.FOLDER_DATASETS:
-    prepare_folder(args.dataset, args.data_dir, args.manual_dir)
+    prepare_folder(args.dataset, data_dir, manual_dir)
   else:
     print(f"{args.dataset} is generated in memory; nothing to prepare.")
+
+
+def main(argv=None) -> int:
+  """Runs the command (argv without the program name; None: sys.argv, as a program)."""
+  return cli.run(define_flags, prepare_command, argv, errors=())
 
 
 if __name__ == "__main__":

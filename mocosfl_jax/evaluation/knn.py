@@ -1,9 +1,10 @@
 """Weighted kNN monitor (docs/reference.md, 'kNN monitor') and batched feature extraction.
 
 The monitor is the InstDisc/MoCo-demo classifier the reference runs every epoch: features are
-L2-normalised, each test query takes its k = 200 most cosine-similar bank entries, weights them by
-exp(sim / t) with t = 0.1, sums the weights per class and predicts the argmax; the result is top-1
-accuracy in percent. Queries are processed in fixed-size, zero-padded chunks by one jitted
+L2-normalised (as torch's F.normalize; the function that normalises the MoCo keys), each test
+query takes its k = 200 most cosine-similar bank entries, weights them by exp(sim / t) with
+t = 0.1, sums the weights per class and predicts the argmax; the result is top-1 accuracy in
+percent. Queries are processed in fixed-size, zero-padded chunks by one jitted
 function, so memory is O(chunk x bank) and every chunk reuses one compilation.
 
 Deliberate differences from the reference: k is clamped to the bank size (the reference crashes
@@ -20,18 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mocosfl_jax.algorithm.queue import l2_normalize
+
 DEFAULT_K = 200
 DEFAULT_T = 0.1
-_NORM_EPS = 1e-12  # torch.nn.functional.normalize's eps.
-
-# Python-side trace counter, bumped only while jax traces; tests use it to prove no recompiles.
-TRACE_COUNTS: collections.Counter = collections.Counter()
-
-
-def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
-  """x / max(||x||, 1e-12), as torch's F.normalize (zero rows stay zero)."""
-  norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
-  return x / jnp.maximum(norm, _NORM_EPS)
 
 
 @jax.jit
@@ -42,7 +35,6 @@ def _normalize_bank(bank):
 @functools.partial(jax.jit, static_argnames=("num_classes", "k", "normalize"))
 def _chunk_scores(queries, bank, bank_labels, t, *, num_classes: int, k: int, normalize: bool):
   """Class scores [Q, C] for one chunk of queries against the (already normalised) bank."""
-  TRACE_COUNTS["chunk_scores"] += 1
   q = queries.astype(jnp.float32)
   if normalize:
     q = l2_normalize(q)

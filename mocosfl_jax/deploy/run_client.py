@@ -3,8 +3,12 @@
     python run_client.py --model client.onnx --images DIR [--out smashed.npy]
     python run_client.py --model client.onnx --npy images.npy [--out smashed.npy] [--bench 200]
 
-Self-contained on purpose: copy this one file and the .onnx to a Raspberry Pi, `pip install numpy
-onnxruntime` (+ pillow for --images, imported only then). Inputs:
+Self-contained on purpose, the one module of the package that imports nothing from it: copy this
+file and the .onnx to the device (a Raspberry Pi, say), `pip install numpy onnxruntime` (+ pillow
+for --images, imported only then) and run it there. Where the package is installed it also runs
+as `python -m mocosfl_jax.deploy.run_client`, and quantize.py reuses its `ClientModel`. It keeps
+the standard library's argparse for that reason, unlike the package's other commands.
+Inputs:
 * --images DIR: every .png/.jpg/.jpeg/.bmp/.webp in DIR (sorted), read as RGB uint8;
 * --npy FILE: uint8 images [N,H,W,3] or [H,W,3] (normalised here), or float32 tensors already
   normalised in the model's layout (passed through).
@@ -57,7 +61,8 @@ class ClientModel:
     self.meta = {k: _meta_value(v) for k, v in raw.items()}
     for key in ("layout", "input_size", "mean", "std"):
       if key not in self.meta:
-        raise ValueError(f"{path} lacks metadata '{key}'; export it with export/to_onnx.py")
+        raise ValueError(f"{path} lacks metadata '{key}'; export it with "
+                         "python -m mocosfl_jax.deploy.to_onnx")
     self.layout = self.meta["layout"]
     self.size = int(self.meta["input_size"])
     self.mean = np.asarray(self.meta["mean"], np.float32)
