@@ -31,7 +31,7 @@ def get_config():
   c.num_clients = 5
   c.sample_ratio = 1.0
   c.batch_size = 20
-  c.auto_adjust = False           # the reference's --auto_adjust (flavour below picks S or M rules)
+  c.auto_adjust = False           # the reference's --auto_adjust (flavour: whose rules)
   c.flavour = "mocosfl"           # mocosfl | monacosfl (only used by auto_adjust)
   c.avg_freq = 10
   # Model.

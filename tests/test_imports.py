@@ -2,17 +2,17 @@
 module imports on its own (none relies on another of ours having been imported first).
 
 Layers, lowest first (a module may import modules of its own layer or below):
-  0  config                                   run defaults, no other module of ours
+  0  config, quickstart, cli                  run defaults, the command-line convention
   1  models, data, algorithm.mapping,         building blocks with no algorithm inside
-     evaluation.knn, evaluation.probes,
      run.metrics, run.checkpoints
   2  algorithm                                state, per-party functions, the pool step
   3  parallel                                 the step on the whole federation, devices
   4  experiment                               a config resolved to data, model, step config
-  5  evaluation                               features and protocols on a checkpoint
+  5  evaluation                               kNN, probes, features, protocols on a checkpoint
   6  run                                      the training loop
   7  deploy, costs                            export of the client slice, cost tables
   8  main, evaluate, and other commands       command-line entry points
+  9  benchmarks                               speed and memory measurements of all the above
 """
 import ast
 import importlib
@@ -29,9 +29,8 @@ PACKAGE_DIR = Path(mocosfl_jax.__file__).parent
 
 # Longest matching prefix wins.
 LAYERS = {
-    'mocosfl_jax': 0, 'mocosfl_jax.config': 0,
+    'mocosfl_jax': 0, 'mocosfl_jax.config': 0, 'mocosfl_jax.quickstart': 0, 'mocosfl_jax.cli': 0,
     'mocosfl_jax.models': 1, 'mocosfl_jax.data': 1, 'mocosfl_jax.algorithm.mapping': 1,
-    'mocosfl_jax.evaluation.knn': 1, 'mocosfl_jax.evaluation.probes': 1,
     'mocosfl_jax.run.metrics': 1, 'mocosfl_jax.run.checkpoints': 1,
     'mocosfl_jax.algorithm': 2,
     'mocosfl_jax.parallel': 3,
@@ -39,6 +38,7 @@ LAYERS = {
     'mocosfl_jax.evaluation': 5,
     'mocosfl_jax.run': 6,
     'mocosfl_jax.deploy': 7, 'mocosfl_jax.costs': 7,
+    'mocosfl_jax.benchmarks': 9,
 }
 COMMAND_LAYER = 8   # any other top-level module: a command (main, evaluate, ...)
 

@@ -173,7 +173,8 @@ def auto_adjust(num_clients: int, flavour: str = 'mocosfl', *, batch_size: Optio
                 num_epochs: int = 200, queue_size: int = 6000, avg_freq: int = 1,
                 sample_ratio: float = 1.0, feature_sharing: bool = True,
                 adjust_batch_for_large: bool = True) -> dict:
-  """The reference's `--auto_adjust`, S's or M's rules (docs/reference.md, 'auto_adjust').
+  """The reference's `--auto_adjust`: MocoSFL's (S) or MonAcoSFL's (M) rules (docs/reference.md,
+  'auto_adjust').
 
   Args:
     num_clients: N.

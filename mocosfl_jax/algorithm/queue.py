@@ -7,9 +7,9 @@ columns (D x K); the arithmetic is identical. Enqueueing b <= K keys writes rows
 Per-client queues ([N, K // N, D], one pointer per client) are *indexed by pool position*: the
 rows of pool position j (client pool[j]) are scored against, and enqueued into, queue pool[j].
 The reference slices rows by client *id* (`[c*B, (c+1)*B)`), which mixes clients up whenever the
-pool is not range(N); it also leaves S's per-client queues unnormalised and drops the k2
+pool is not range(N); it also leaves MocoSFL's per-client queues unnormalised and drops the k2
 half of the keys with the original symmetric loss. Here per-client queues are L2-normalised at
-init (as M) and each client enqueues all of its own keys (`StepConfig.keys_per_client`).
+init (as MonAcoSFL's code) and each client enqueues all of its own keys (`StepConfig.keys_per_client`).
 """
 import jax
 import jax.numpy as jnp
@@ -28,7 +28,7 @@ def init_queue(key: jax.Array, size: int, dim: int) -> jax.Array:
 
 
 def init_client_queues(key: jax.Array, num_clients: int, size: int, dim: int) -> jax.Array:
-  """Per-client queues [N, K // N, D], normalised per key (M's behaviour; S left them raw)."""
+  """Per-client queues [N, K // N, D], normalised per key (as MonAcoSFL's code; MocoSFL's left them raw)."""
   return l2_normalize(jax.random.normal(key, (num_clients, size, dim), jnp.float32))
 
 

@@ -3,19 +3,18 @@
 The per-client body `fedavg_client` uses `lax.pmean(x, 'clients')`, so the same function runs
 under `jax.vmap(..., axis_name='clients')` over the pool (`fedavg_pool`) and under
 `jax.shard_map` over a client mesh axis: it is the definition. The training step uses
-`fedavg_masked`, equal to it up to summation order (tests): each device takes the mask-weighted
-sum of its local clients as a dot product and psums it over the 'clients' axis, so padding
-clients count for nothing. Why not the pmean under vmap: it lowers to a reduction over the
-leading (client) axis, which XLA:CPU runs at ~1 GB/s (each output element reads N values one
-client's model size apart); the dot product reads the same bytes at ~30 GB/s. At 20 clients
-cut 9 (0.9 GB of online models) the sync fell from 1.63 s to 0.22 s (bench/README.md).
+`fedavg_masked` (through `fedavg_if`), equal to it up to summation order (tests): each device
+takes the mask-weighted sum of its local clients as a dot product and psums it over the
+'clients' axis, so padding clients count for nothing. Why not the pmean under vmap: it lowers to
+a reduction over the leading (client) axis, in which each output element reads N values one
+client model apart, and XLA:CPU runs that far slower than a dot product over the same bytes
+(bench/README.md has the figures).
 
 Deliberate deviation: the reference's `average_weights` starts from client 0's state dict and
-adds pool[1:], so under client sampling client 0's stale weights replace pool[0]'s
-(docs/reference.md).
-We average exactly the pool. The whole variables dict is averaged (params and BN running stats,
-as the reference averages buffers); divergences are measured on 'params' only (S skips BN
-buffers too).
+adds pool[1:], so under client sampling client 0's stale weights replace pool[0]'s; we average
+exactly the pool (docs/reference.md, 'FedAvg'). The whole variables dict is averaged (params and
+BatchNorm running stats, as the reference averages buffers); divergences are measured on
+'params' only, as MonAcoSFL's reference code skips BatchNorm buffers too.
 """
 from typing import Any, Optional, Tuple
 
@@ -37,7 +36,7 @@ def tree_pmean(tree: PyTree, axis_name: str = AXIS) -> PyTree:
 
 
 def mean_sq_diff(a: PyTree, b: PyTree) -> jax.Array:
-  """Mean squared difference per element over a whole tree (M's divergence measure)."""
+  """Mean squared difference per element over a whole tree (MonAcoSFL's divergence measure)."""
   la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
   if not la:
     return jnp.zeros((), jnp.float32)
@@ -70,7 +69,7 @@ def fedavg_client(online: PyTree, momentum: PyTree, sync_momentum: bool,
 
 def fedavg_pool(online_pool: PyTree, momentum_pool: PyTree, sync_momentum: bool):
   """FedAvg over stacked pool trees (leading axis P) via vmap + pmean: the definition, kept as
-  the reference that `fedavg_masked` (what the step runs, much faster on CPU) is tested against.
+  the reference that `fedavg_masked` (what the step runs) is tested against.
 
   Returns:
     (mean online vars, mean momentum vars or None, metrics) without the pool axis.

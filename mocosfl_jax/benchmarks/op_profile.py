@@ -4,8 +4,8 @@
   python -m mocosfl_jax.benchmarks.op_profile --part clients    # the vmapped client slices
   (`python bench/profile_server.py ...` is the same command)
 
-Runs `protocol.server_step` (ResNet-18, V2 head, K 6000, original loss, batch 1 per client), or
-with `--part clients` the pool's vmapped client forward + backward/SGD (`protocol.client_forward`,
+Runs `parties.server_step` (ResNet-18, V2 head, K 6000, original loss, batch 1 per client), or
+with `--part clients` the pool's vmapped client forward + backward/SGD (`parties.client_send`,
 `client_backward`, as the step benchmark times them), after warm-up, times medians, then records one
 call with `jax.profiler` and sums the durations of XLA's thunks by name with the numeric suffix
 removed (`ynn_fusion.412` -> `ynn_fusion`). Thread time adds up over XLA's worker threads, so it
@@ -61,7 +61,7 @@ def profile(args) -> None:
   import jax
   import jax.numpy as jnp
   from mocosfl_jax import parallel
-  from mocosfl_jax.algorithm import protocol, state
+  from mocosfl_jax.algorithm import parties, state
   from mocosfl_jax.algorithm.plan import StepConfig
   from mocosfl_jax.benchmarks.step import client_pass, machine
   from mocosfl_jax.models import SplitConfig, build
@@ -71,11 +71,12 @@ def profile(args) -> None:
                           conv_impl=args.conv_impl))
   cfg = StepConfig(num_clients=n, batch_size=1, queue_size=6000, loss_form='original',
                    pool_size=n, steps_per_epoch=50, avg_freq=5)
-  clients, server = state.init_state(net, cfg, jax.random.key(0))
+  train_state = state.create_train_state(net, cfg, jax.random.key(0))
+  clients, server = train_state.clients, train_state.server
   shape = (n, 1) + net.smashed_shape
   if args.part == 'server':
-    f = jax.jit(protocol.server_step, static_argnums=(0, 1))
-    call_args = (net, cfg, server, jax.random.normal(jax.random.key(1), shape),
+    f = jax.jit(parties.server_step, static_argnums=(0, 1, 2))
+    call_args = (net, cfg, train_state.tx, server, jax.random.normal(jax.random.key(1), shape),
                  jax.random.normal(jax.random.key(2), shape), jnp.arange(n, dtype=jnp.int32),
                  jnp.int32(0))
   else:

@@ -1,6 +1,6 @@
 """Per-device memory of the shard_map step, from XLA's memory analysis (nothing is run).
 
-Compiles `step.train_step` with `client_parallel='shard_map'` over D forced CPU devices for
+Compiles `parallel.train_step` with `client_parallel='shard_map'` over D forced CPU devices for
 abstract, sharded state (clients split on their leading axis, server replicated) and records
 what each device needs: arguments (its clients' state + the server), outputs and scratch (temp),
 for the pool given as client ids (a sampled pool) and as None (full participation, in place).
@@ -29,28 +29,29 @@ def measure(clients: int, cut: int, conv_impl: str = 'auto') -> dict:
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from mocosfl_jax import parallel  # pylint: disable=g-import-not-at-top
-  from mocosfl_jax.algorithm import plan, state, step  # pylint: disable=g-import-not-at-top
+  from mocosfl_jax.algorithm import plan, state  # pylint: disable=g-import-not-at-top
   from mocosfl_jax.models import SplitConfig, build  # pylint: disable=g-import-not-at-top
 
   net = build(SplitConfig(arch='resnet18', cut=cut, input_size=32, head='V2', conv_impl=conv_impl))
   cfg = plan.StepConfig(num_clients=clients, batch_size=1, queue_size=6000, steps_per_epoch=10,
                         avg_freq=5)
   mesh = parallel.client_mesh()
-  shapes = jax.eval_shape(state._init_state, net, cfg, jax.random.key(0))  # pylint: disable=protected-access
-  shardings = parallel.state_shardings(*shapes, mesh)
-  cs, ss = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                        shapes, shardings)
+  shapes = state.abstract_train_state(net, cfg)
+  shardings = parallel.state_shardings(shapes, mesh)
+  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          shapes, shardings)
   par = parallel.ClientParallel('shard_map', mesh=mesh)
   views = jax.ShapeDtypeStruct((clients, 1, 32, 32, 3), jnp.float32)
   nbytes = lambda t: int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(t)))
   gib = 2.0 ** 30
   out = dict(clients=clients, cut=cut, devices=jax.device_count(), conv_impl=conv_impl,
-             client_state_gib=nbytes(shapes[0]) / gib, server_state_gib=nbytes(shapes[1]) / gib)
+             client_state_gib=nbytes(shapes.clients) / gib,
+             server_state_gib=nbytes(shapes.server) / gib)
   # 'ids': the pool given as client ids (any order; rows move in ppermute rounds), what a
   # sampled pool compiles to; 'in_place': pool=None, what full participation compiles to.
   for name, pool in (('ids', jnp.arange(clients, dtype=jnp.int32)), ('in_place', None)):
-    mem = step.train_step.lower(net, cfg, cs, ss, pool, views, views, jnp.int32(0),
-                                jnp.int32(0), par=par).compile().memory_analysis()
+    mem = parallel.train_step.lower(net, cfg, abstract, pool, views, views, jnp.int32(0),
+                                    jnp.int32(0), par=par).compile().memory_analysis()
     out[name] = dict(
         per_device_argument_gib=mem.argument_size_in_bytes / gib,
         per_device_output_gib=mem.output_size_in_bytes / gib,

@@ -94,7 +94,7 @@ def conv_peak(reps=3) -> dict:
   batch 128, over XLA's direct conv and the shifted-view matmul, and a 2048^3 matmul."""
   import jax, jax.numpy as jnp  # pylint: disable=g-import-not-at-top,multiple-imports
   from jax import lax  # pylint: disable=g-import-not-at-top
-  from mocosfl_jax.models.layers import conv_matmul  # pylint: disable=g-import-not-at-top
+  from mocosfl_jax.models.conv import conv_matmul  # pylint: disable=g-import-not-at-top
   x = jax.random.normal(jax.random.key(0), (128, 32, 32, 64))
   w = jax.random.normal(jax.random.key(1), (3, 3, 64, 64)) * 0.05
   direct = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), [(1, 1)] * 2,
@@ -115,12 +115,13 @@ def conv_peak(reps=3) -> dict:
 
 def client_pass(net, cfg, par, on, mom, opt, vq, vk, grads, lrs):
   """The pool's client side of a step: forward (mapped as `par` says), then backward + SGD."""
+  import functools  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  from mocosfl_jax import parallel  # pylint: disable=g-import-not-at-top
-  from mocosfl_jax.algorithm import protocol  # pylint: disable=g-import-not-at-top
-  fwd = lambda o, m, q, k: protocol.client_forward(net, cfg, o, m, q, k)
-  a_q, a_k, on, mom, resid = parallel.map_clients(par, fwd, on, mom, vq, vk)
-  bwd = lambda o, s, q, k, g, lr, r: protocol.client_backward(net, cfg, o, s, q, k, g, lr, r)
+  from mocosfl_jax.algorithm import parties, state  # pylint: disable=g-import-not-at-top
+  from mocosfl_jax.algorithm.mapping import map_clients  # pylint: disable=g-import-not-at-top
+  fwd = functools.partial(parties.client_send, net, cfg)
+  a_q, a_k, on, mom, resid = map_clients(par, fwd, on, mom, vq, vk)
+  bwd = functools.partial(parties.client_receive, net, cfg, state.optimizer(cfg))
   on, opt = jax.vmap(bwd)(on, opt, vq, vk, grads, lrs, resid)
   return a_q, a_k, on, mom, opt
 
@@ -131,11 +132,11 @@ def run_setting(args) -> dict:
   import jax, jax.numpy as jnp, numpy as np  # pylint: disable=g-import-not-at-top,multiple-imports
   # pylint: disable=g-import-not-at-top
   from mocosfl_jax import parallel
-  from mocosfl_jax.algorithm import protocol, state, step
+  from mocosfl_jax.algorithm import parties, state, sync
   from mocosfl_jax.benchmarks.compiles import count_compiles
   from mocosfl_jax.data import augment  # pylint: disable=g-import-not-at-top
   from mocosfl_jax.models import SplitConfig, build  # pylint: disable=g-import-not-at-top
-  from mocosfl_jax.models.layers import resolve_conv_impl  # pylint: disable=g-import-not-at-top
+  from mocosfl_jax.models.conv import resolve_conv_impl  # pylint: disable=g-import-not-at-top
   from mocosfl_jax.algorithm.plan import StepConfig  # pylint: disable=g-import-not-at-top
 
   n, pool, cut = args.clients, args.pool or args.clients, args.cut
@@ -154,7 +155,8 @@ def run_setting(args) -> dict:
   out = res['results']
   key = jax.random.key(0)
   t0 = time.perf_counter()
-  clients, server = state.init_state(net, cfg, key)
+  train_state = state.create_train_state(net, cfg, key)
+  clients, server, tx = train_state.clients, train_state.server, train_state.tx
   jax.block_until_ready(clients)
   res['init_s'] = time.perf_counter() - t0
   pool_ids = jnp.arange(pool, dtype=jnp.int32)
@@ -170,10 +172,10 @@ def run_setting(args) -> dict:
     out.append(_record('augment', med, ts, fl, ct, peak))
 
   lrs = jnp.full((pool,), 0.06, jnp.float32)
-  on = mom = opt = None
+  rows = on = mom = opt = None
   if want('clients') or want('sync'):      # a copy of the pool's state: only when timed
-    on, mom, opt = parallel.gather_pool(
-        None, (clients.online, clients.momentum, clients.opt_state), pool_ids)
+    rows = parallel.gather_pool(None, clients, pool_ids)
+    on, mom, opt = rows.online, rows.momentum, rows.opt_state
 
   clients_fb = functools.partial(client_pass, net, cfg, par)
   smashed = (pool, cfg.rows_per_client // 1) + net.smashed_shape
@@ -184,8 +186,8 @@ def run_setting(args) -> dict:
     med, ts = _median_time(lambda: comp(on, mom, opt, vq, vk, grads, lrs), reps)
     out.append(_record('clients_vmap', med, ts, fl, ct, peak))
     if not args.no_loop:           # the reference's structure: one client at a time
-      fwd1 = jax.jit(protocol.client_forward, static_argnums=(0, 1))
-      bwd1 = jax.jit(protocol.client_backward, static_argnums=(0, 1))
+      fwd1 = jax.jit(parties.client_send, static_argnums=(0, 1))
+      bwd1 = jax.jit(parties.client_receive, static_argnums=(0, 1, 2))
       row = lambda t, i: jax.tree.map(lambda x: x[i], t)
       per = [(row(on, i), row(mom, i), row(opt, i), vq[i], vk[i], grads[i]) for i in range(pool)]
 
@@ -193,7 +195,7 @@ def run_setting(args) -> dict:
         last = None
         for o, m, s, q, k, g in per:
           a_q, a_k, o2, m2, _ = fwd1(net, cfg, o, m, q, k)
-          last = bwd1(net, cfg, o2, s, q, k, g, jnp.float32(0.06))
+          last = bwd1(net, cfg, tx, o2, s, q, k, g, jnp.float32(0.06))
         return last
 
       t1 = time.perf_counter()
@@ -206,19 +208,20 @@ def run_setting(args) -> dict:
   a_q = jax.random.normal(jax.random.key(5), smashed)
   a_k = jax.random.normal(jax.random.key(6), smashed)
   if want('server'):
-    f = jax.jit(protocol.server_step, static_argnums=(0, 1))
-    comp, ct, fl = _compiled(f, net, cfg, server, a_q, a_k, pool_ids, jnp.int32(0))
+    f = jax.jit(parties.server_step, static_argnums=(0, 1, 2))
+    comp, ct, fl = _compiled(f, net, cfg, tx, server, a_q, a_k, pool_ids, jnp.int32(0))
     med, ts = _median_time(lambda: comp(server, a_q, a_k, pool_ids, jnp.int32(0)), reps)
     out.append(_record('server', med, ts, fl, ct, peak))
 
   if want('sync'):
-    f = jax.jit(lambda cl, o, m: step.apply_sync(cfg, cl, o, m, True, par), donate_argnums=(0,))
-    cl = jax.tree.map(lambda x: jnp.array(x, copy=True), clients)
-    comp, ct, fl = _compiled(f, cl, on, mom)
-    box = [cl]
+    # FedAvg of the pool's rows, written back to every row (what a sync adds to a step).
+    f = jax.jit(lambda rows: sync.fedavg_if(True, rows, cfg.momentum_sync, None, par),
+                donate_argnums=(0,))
+    comp, ct, fl = _compiled(f, rows)
+    box = [rows]
 
     def run_sync():
-      box[0], m = comp(box[0], on, mom)
+      box[0], m = comp(box[0])
       return m
     med, ts = _median_time(run_sync, reps * 3)
     out.append(_record('sync', med, ts, fl, ct, peak))
@@ -229,19 +232,19 @@ def run_setting(args) -> dict:
     # As the training loop: with full participation the pool is None (in place, natural order).
     step_pool = None if pool == n else pool_ids
     res['setting']['pool_in_place'] = step_pool is None
-    comp, ct, fl = _compiled(step.train_step, net, cfg, clients, server, step_pool, vq, vk,
+    comp, ct, fl = _compiled(parallel.train_step, net, cfg, train_state, step_pool, vq, vk,
                              jnp.int32(0), jnp.int32(0), jnp.bool_(False), **kw)
     res['full_step_compile_s'] = ct
     sched = [(e, bi, bool(s)) for e, bi, s in ((0, 0, 0), (0, 1, 1), (1, 0, 0), (1, 4, 1))]
-    box = [clients, server]
+    box = [train_state]
     times = {False: [], True: []}
     recompiles = 0
     for i in range(reps + len(sched)):
       e, bi, s = sched[i % len(sched)]
-      with count_compiles(step.train_step) as compiles:
+      with count_compiles(parallel.train_step) as compiles:
         t1 = time.perf_counter()
-        box[0], box[1], m = step.train_step(net, cfg, box[0], box[1], step_pool, vq, vk,
-                                            jnp.int32(e), jnp.int32(bi), jnp.bool_(s), **kw)
+        box[0], m = parallel.train_step(net, cfg, box[0], step_pool, vq, vk, jnp.int32(e),
+                                        jnp.int32(bi), jnp.bool_(s), **kw)
         jax.block_until_ready(m)
         elapsed = time.perf_counter() - t1
       if i >= 1:          # the first call pays the compile (cache miss of the jit wrapper)
