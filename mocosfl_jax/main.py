@@ -10,7 +10,7 @@ The flags follow the package's command-line convention (mocosfl_jax/cli.py).
 import json
 import os
 
-from absl import flags, logging
+from absl import flags
 from ml_collections import config_flags
 
 from mocosfl_jax import cli, quickstart
@@ -28,13 +28,7 @@ def define_flags(flag_values: flags.FlagValues, argv) -> None:
 
 
 def train(args) -> int:
-  import jax  # pylint: disable=g-import-not-at-top  (after flags, so --help stays fast)
-  from mocosfl_jax import parallel  # pylint: disable=g-import-not-at-top
-  from mocosfl_jax.run import train as train_lib  # pylint: disable=g-import-not-at-top
-  # Multi-host: jax.distributed must start before anything touches the backend (jax.devices).
-  parallel.maybe_initialize_distributed(args.config.get("distributed", None) or None)
-  logging.info("JAX process %d/%d, devices: %s", jax.process_index(), jax.process_count(),
-               jax.devices())
+  from mocosfl_jax.run import train as train_lib  # pylint: disable=g-import-not-at-top  (--help stays fast)
   results = train_lib.train_and_evaluate(args.config, args.workdir)
   print(json.dumps(results, indent=1))
   print(f"final test kNN accuracy: {results['last']['test_knn_accuracy']:.2f}% (last), "

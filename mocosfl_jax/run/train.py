@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from mocosfl_jax import config as config_lib
 from mocosfl_jax import experiment as experiment_lib
 from mocosfl_jax import parallel
 from mocosfl_jax.algorithm import plan
@@ -74,7 +75,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (resuming from the latest checkpoint in `workdir` if any) and returns the results."""
   workdir = Path(workdir).expanduser().absolute()
   workdir.mkdir(parents=True, exist_ok=True)
-  parallel.maybe_initialize_distributed(config.distributed or None)  # before any JAX call
+  # Multi-host: jax.distributed must start before anything touches the backend.
+  config = config_lib.with_defaults(config)
+  parallel.maybe_initialize_distributed(config.distributed or None)
+  logging.info("JAX process %d/%d, devices: %s", jax.process_index(), jax.process_count(),
+               jax.devices())
 
   # ---- Config, data, model ----
   exp = experiment_lib.resolve(config)
