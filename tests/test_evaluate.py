@@ -1,8 +1,6 @@
 """evaluate.py reads a run's checkpoint alone and reports kNN and both probe recipes."""
 import json
 
-import pytest
-
 from mocosfl_jax import evaluate
 from mocosfl_jax.run import train
 

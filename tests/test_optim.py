@@ -1,5 +1,4 @@
-"""Tests for mocosfl_jax.algorithm.optim: PyTorch SGD arithmetic, masked client updates, EMA."""
-import jax
+"""Tests for mocosfl_jax.algorithm.optim: PyTorch SGD arithmetic and the EMA."""
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -129,7 +129,7 @@ def client_pass(net, cfg, par, on, mom, opt, vq, vk, grads, lrs):
 def run_setting(args) -> dict:
   """One (clients, pool, cut) setting; runs inside its own subprocess."""
   import functools  # pylint: disable=g-import-not-at-top
-  import jax, jax.numpy as jnp, numpy as np  # pylint: disable=g-import-not-at-top,multiple-imports
+  import jax, jax.numpy as jnp  # pylint: disable=g-import-not-at-top,multiple-imports
   # pylint: disable=g-import-not-at-top
   from mocosfl_jax import parallel
   from mocosfl_jax.algorithm import parties, state, sync
