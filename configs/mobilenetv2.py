@@ -19,7 +19,7 @@ def get_config(arg=None):
   elif a["paper"] == "monacosfl":
     c.num_clients, c.batch_size, c.sample_ratio, c.avg_freq = 20, 20, 0.25, 10
     c.momentum_sync, c.lr, c.seed = True, 0.06, 1138
+    c.final_protocols = "knn,linear"   # MonAcoSFL ends without the semi-supervised probes
   else:
     raise ValueError(f"paper={a['paper']!r}; valid: mocosfl, monacosfl")
-  c.eval_every_steps = 5000
   return c

@@ -5,10 +5,10 @@
 
 Arguments (comma list after ':'): clients 5|20, cut 1|2, noniid 1.0|0.2, dataset cifar10|cifar100.
 5 clients use the reference's auto_adjust (B 20, avg_freq 10, 200 epochs); 20 clients use B 20,
-25% sampled per epoch, avg_freq 10 (E becomes 800). With --config.val_fraction=0 (every training
-image goes to the clients, as in the reference) that is 500 or 125 steps per epoch, a sync every
-50 or 12 steps and 100k steps of 100 images; the default 10% validation hold-out makes each about
-10% smaller (docs/reference.md, 'Step-count invariant of the provided configurations').
+25% sampled per epoch, avg_freq 10 (E becomes 800). As in the reference, every training image
+goes to the clients: 500 or 125 steps per epoch, a sync every 50 or 12 steps, 100k steps of 100
+images, kNN on the test set every epoch, linear and semi-supervised probes at the end, nothing
+selected on test (docs/reference.md, 'Step-count invariant of the provided configurations').
 Paper figure to expect: the matching row of MocoSFL's Table 2 (ICLR 2023), linear probe on
 CIFAR; the reference repository holds no per-row numbers, so compare against the paper. Needs a
 GPU. Prepare CIFAR first (README).
@@ -27,5 +27,4 @@ def get_config(arg=None):
     c.auto_adjust = True          # B = 100 // N = 20, avg_freq = 1000 // (B N) = 10
   else:
     c.batch_size, c.sample_ratio, c.avg_freq = 20, 0.25, 10
-  c.eval_every_steps = 5000
   return c

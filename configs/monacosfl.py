@@ -22,14 +22,13 @@ def get_config(arg=None):
   c.num_clients = a["clients"]
   c.loss_form = "two_view"
   c.momentum_sync = bool(a["sync_momentum"])
-  c.flavour = "monacosfl"
   c.lr = 0.06
   c.num_epochs = 200
   c.seed = 1138
+  c.final_protocols = "knn,linear"   # MonAcoSFL ends without the semi-supervised probes
   if a["clients"] == 20:
     c.batch_size, c.sample_ratio, c.avg_freq = 20, 0.25, 10
   else:
-    c.auto_adjust = True
+    c.auto_adjust, c.flavour = True, "monacosfl"
     c.batch_size = 12             # M's default, divided by N by its auto_adjust
-  c.eval_every_steps = 5000
   return c

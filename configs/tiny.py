@@ -26,5 +26,6 @@ def get_config():
   c.checkpoint_every_steps = 3
   c.eval_batch_size = 64
   c.knn_k = 10
+  c.final_protocols = "knn"
   c.seed = 0
   return c

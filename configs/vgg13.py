@@ -14,5 +14,4 @@ def get_config(arg=None):
   c.arch, c.cut, c.dataset, c.noniid_ratio = "vgg13", 2, a["dataset"], a["noniid"]
   c.num_clients, c.auto_adjust = 100, True
   c.lr = 0.03 if a["noniid"] >= 1.0 else 0.02
-  c.eval_every_steps = 5000
   return c

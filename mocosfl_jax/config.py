@@ -8,8 +8,9 @@ B 20, avg_freq 10, lr 0.06), not the reference's bare command-line defaults; doc
     python -m mocosfl_jax.main --config configs/default.py --workdir runs/x --config.num_clients=5
 
 Sentinels: -1 means "derive" (c_lr -> lr, num_steps -> num_epochs x steps_per_epoch,
-eval_every_steps -> once per epoch, image_size -> the dataset's). Field names follow the
-reference's argparse names where they exist (cut = cutlayer, queue_size = K, temperature = T).
+eval_every_steps -> once per epoch as the reference's kNN monitor, image_size -> the
+dataset's). Field names follow the reference's argparse names where they exist (cut = cutlayer,
+queue_size = K, temperature = T).
 """
 import ml_collections
 
@@ -20,7 +21,8 @@ def get_config():
   c.dataset = "cifar10"
   c.data_dir = ""                 # tfds data_dir ('' = $TFDS_DATA_DIR or ~/tensorflow_datasets)
   c.image_size = -1
-  c.val_fraction = 0.1            # held out of the training split for checkpoint selection
+  c.val_fraction = 0.0            # 0: every training image goes to the clients (the reference);
+                                  # > 0: held out for checkpoint selection (fewer steps per epoch)
   c.partition = "auto"            # auto (iid if noniid_ratio == 1 else shards) | iid | shards | dirichlet
   c.noniid_ratio = 1.0
   c.dirichlet_alpha = 0.5
@@ -32,7 +34,9 @@ def get_config():
   c.sample_ratio = 1.0
   c.batch_size = 20
   c.auto_adjust = False           # the reference's --auto_adjust (flavour: whose rules)
-  c.flavour = "mocosfl"           # mocosfl | monacosfl (only used by auto_adjust)
+  c.flavour = "mocosfl"           # mocosfl | monacosfl: whose auto_adjust (needs auto_adjust)
+  c.adjust_batch_for_large_clients = True  # monacosfl auto_adjust: False is its
+                                           # --dont_adjust_batch_size_for_large_clients
   c.avg_freq = 10
   # Model.
   c.arch = "resnet18"
@@ -71,7 +75,7 @@ def get_config():
   c.knn_k = 200
   c.knn_t = 0.1
   c.eval_batch_size = 256
-  c.final_protocols = "knn"       # comma list of knn, linear, semi (evaluate.py runs them later too)
+  c.final_protocols = "knn,linear,semi"  # run at the end (as the reference); evaluate runs them too
   return c
 
 

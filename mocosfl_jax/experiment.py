@@ -11,6 +11,7 @@ ValueErrors that name the field, its value and what is allowed.
 """
 import dataclasses
 import math
+from typing import Optional
 
 import ml_collections
 
@@ -45,7 +46,7 @@ class Experiment:
   num_steps: int
   eval_every: int
   train: sources.ArrayDataset
-  val: sources.ArrayDataset
+  val: Optional[sources.ArrayDataset]   # None when val_fraction == 0 (nothing is selected)
   test: sources.ArrayDataset
   parts: list
 
@@ -56,7 +57,12 @@ def _need(cond, field, value, msg):
 
 
 def check_fields(c: ml_collections.ConfigDict) -> None:
-  """Checks the fields that no library object owns (see the module docstring)."""
+  """Checks the fields that no library object owns (see the module docstring).
+
+  Besides values out of range, settings that would be silently ignored are refused: a user who
+  sets them expects an effect.
+  """
+  defaults = config_lib.get_config()
   _need(c.dataset in sources.DATASETS, "dataset", c.dataset, f"unknown; valid: {sources.DATASETS}")
   n = _as_config_error(num_layers, c.arch)
   _need(c.cut <= n, "cut", c.cut,
@@ -64,13 +70,43 @@ def check_fields(c: ml_collections.ConfigDict) -> None:
   _need(c.num_clients >= 1, "num_clients", c.num_clients, "must be >= 1")
   _need(c.batch_size >= 1, "batch_size", c.batch_size, "must be >= 1")
   _need(0.0 <= c.val_fraction < 1.0, "val_fraction", c.val_fraction, "must be in [0, 1)")
+  _need(c.partition in partition_lib.METHODS, "partition", c.partition,
+        f"valid: {', '.join(partition_lib.METHODS)}")
+  _need(0.0 < c.noniid_ratio <= 1.0, "noniid_ratio", c.noniid_ratio, "must be in (0, 1]")
+  _need(c.noniid_ratio == 1.0 or c.partition in ("auto", "shards"), "noniid_ratio",
+        c.noniid_ratio, f"only partition='shards' (or 'auto') uses it, and partition="
+        f"{c.partition!r}; drop noniid_ratio or set partition='shards'")
+  _need(c.dirichlet_alpha > 0, "dirichlet_alpha", c.dirichlet_alpha, "must be > 0")
+  _need(c.dirichlet_alpha == defaults.dirichlet_alpha or c.partition == "dirichlet",
+        "dirichlet_alpha", c.dirichlet_alpha, f"only partition='dirichlet' uses it, and "
+        f"partition={c.partition!r}; drop dirichlet_alpha or set partition='dirichlet'")
+  _need(0.0 < c.data_proportion <= 1.0, "data_proportion", c.data_proportion, "must be in (0, 1]")
   _need(c.augmentation in AUGMENTATIONS, "augmentation", c.augmentation,
         f"valid: {', '.join(AUGMENTATIONS)}")
   _need(0.0 < c.crop_min_scale <= 1.0, "crop_min_scale", c.crop_min_scale, "must be in (0, 1]")
   _need(c.flavour in plan.FLAVOURS, "flavour", c.flavour, f"valid: {plan.FLAVOURS}")
+  _need(c.flavour == defaults.flavour or c.auto_adjust, "flavour", c.flavour,
+        "chooses whose auto_adjust rules apply and has no effect without "
+        "config.auto_adjust=True; set auto_adjust=True or drop flavour")
+  _need(c.adjust_batch_for_large_clients or (c.auto_adjust and c.flavour == "monacosfl"),
+        "adjust_batch_for_large_clients", c.adjust_batch_for_large_clients,
+        "only MonAcoSFL's auto_adjust uses it; set auto_adjust=True and flavour='monacosfl'")
+  _need(not c.auto_adjust or c.sample_ratio == 1.0, "sample_ratio", c.sample_ratio,
+        "auto_adjust sets the sampling ratio from num_clients (0.5 for 200 clients, 0.1 for "
+        "1000); drop sample_ratio or set auto_adjust=False")
   for p in filter(None, c.final_protocols.split(",")):
     _need(p in FINAL_PROTOCOLS, "final_protocols", c.final_protocols,
           f"comma list of {', '.join(FINAL_PROTOCOLS)}")
+  _need(c.num_steps == -1 or c.num_steps >= 1, "num_steps", c.num_steps,
+        "must be >= 1, or -1 for num_epochs x steps_per_epoch")
+  _need(c.eval_every_steps == -1 or c.eval_every_steps >= 1, "eval_every_steps",
+        c.eval_every_steps, "must be >= 1, or -1 for once per epoch")
+  _need(c.image_size == -1 or c.image_size >= 1, "image_size", c.image_size,
+        "must be >= 1, or -1 for the dataset's own size")
+  for field in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "knn_k",
+                "eval_batch_size"):
+    _need(isinstance(c[field], int) and c[field] >= 1, field, c[field], "must be an int >= 1")
+  _need(c.knn_t > 0, "knn_t", c.knn_t, "must be > 0")
 
 
 def _as_config_error(fn, *args, **kwargs):
@@ -90,9 +126,11 @@ def resolve(config: ml_collections.ConfigDict) -> Experiment:
   num_epochs, batch_size, avg_freq = c.num_epochs, c.batch_size, c.avg_freq
   sample_ratio, queue_size = c.sample_ratio, c.queue_size
   if c.auto_adjust:
-    adj = plan.auto_adjust(c.num_clients, c.flavour, batch_size=c.batch_size,
-                           num_epochs=c.num_epochs, queue_size=c.queue_size,
-                           feature_sharing=c.feature_sharing)
+    adj = _as_config_error(
+        plan.auto_adjust, c.num_clients, c.flavour, batch_size=c.batch_size,
+        num_epochs=c.num_epochs, queue_size=c.queue_size, avg_freq=c.avg_freq,
+        feature_sharing=c.feature_sharing,
+        adjust_batch_for_large=c.adjust_batch_for_large_clients)
     batch_size, avg_freq, sample_ratio = adj["batch_size"], adj["avg_freq"], adj["sample_ratio"]
     num_epochs, queue_size = adj["num_epochs"], adj["queue_size"]
   elif sample_ratio < 1.0:
@@ -102,18 +140,18 @@ def resolve(config: ml_collections.ConfigDict) -> Experiment:
   data_dir = c.data_dir or None
   full_train = sources.load(c.dataset, "train", data_dir=data_dir, image_size=image_size)
   test = sources.load(c.dataset, "test", data_dir=data_dir, image_size=image_size)
+  train, val = full_train, None
   if c.val_fraction > 0:
-    train, val = sources.holdout(full_train, c.val_fraction, c.seed)
-  else:
-    train, val = full_train, test
+    train, val = sources.holdout(full_train, c.val_fraction, c.seed, labelled_only=True)
   model = SplitConfig(arch=c.arch, cut=c.cut, input_size=train.input_size,
                       bottleneck=c.bottleneck, head=c.head, ws=c.ws, c_residual=c.c_residual,
                       width=c.width, conv_impl=c.conv_impl)
   _as_config_error(validate_model, model)
 
-  labelled = train.labels >= 0
-  _need(labelled.all() or c.partition == "iid", "partition", c.partition,
-        "unlabelled training data (stl10) can only be split 'iid'")
+  method = partition_lib.resolve_method(c.partition, c.noniid_ratio)
+  _need((train.labels >= 0).all() or method == "iid", "partition", c.partition,
+        f"{c.dataset}'s training split has unlabelled rows, which only partition='iid' can "
+        f"split (noniid_ratio=1)")
   parts = partition_lib.partition(
       train.labels, c.num_clients, method=c.partition, noniid_ratio=c.noniid_ratio,
       alpha=c.dirichlet_alpha, data_proportion=c.data_proportion, seed=c.seed,

@@ -80,6 +80,13 @@ def _dirichlet(subset, labels, num_clients, num_classes, alpha, min_samples, rng
                    f"{num_clients} clients >= {min_samples} samples; raise alpha or lower min_samples")
 
 
+def resolve_method(method: str, noniid_ratio: float) -> str:
+  """The method 'auto' stands for: 'iid' if noniid_ratio == 1 else 'shards' (the reference's rule)."""
+  if method == "auto":
+    return "iid" if noniid_ratio == 1.0 else "shards"
+  return method
+
+
 def partition(labels, num_clients: int, *, method: str = "auto", noniid_ratio: float = 1.0,
               alpha: float = 0.5, data_proportion: float = 1.0, seed: int = 0,
               num_classes: int | None = None, min_samples: int = 1) -> list[np.ndarray]:
@@ -111,8 +118,7 @@ def partition(labels, num_clients: int, *, method: str = "auto", noniid_ratio: f
     raise ValueError(f"num_clients must be a positive int, got {num_clients!r}")
   if not 0.0 < noniid_ratio <= 1.0:
     raise ValueError(f"noniid_ratio must be in (0, 1], got {noniid_ratio}")
-  if method == "auto":
-    method = "iid" if noniid_ratio == 1.0 else "shards"
+  method = resolve_method(method, noniid_ratio)
   if num_classes is None:
     num_classes = int(labels.max()) + 1 if labels.size else 0
   rng = np.random.default_rng(seed)

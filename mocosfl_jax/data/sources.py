@@ -385,17 +385,24 @@ def load(name: str, split: str, *, data_dir=None, image_size: int | None = None,
   return _load_synthetic(split, image_size, **kwargs)
 
 
-def holdout(ds: ArrayDataset, fraction: float, seed: int) -> tuple[ArrayDataset, ArrayDataset]:
+def holdout(ds: ArrayDataset, fraction: float, seed: int, *,
+            labelled_only: bool = False) -> tuple[ArrayDataset, ArrayDataset]:
   """Splits a validation set off the *training* data (checkpoint selection must not see test data).
 
   A seeded random `fraction` of the rows becomes `val`; both parts keep the original row order.
+  labelled_only: draw `val` from the labelled rows only (a fraction of those), so a split with
+  unlabelled rows (STL-10's train+unlabelled) gives a validation set that kNN can score; the
+  unlabelled rows all stay in the training part. On fully labelled data the split is the same.
   """
   if not 0.0 < fraction < 1.0:
     raise ValueError(f"fraction must be in (0, 1), got {fraction}")
-  n = len(ds)
+  rows = np.flatnonzero(ds.labels >= 0) if labelled_only else np.arange(len(ds))
+  n = len(rows)
   n_val = int(round(fraction * n))
-  if n_val == 0 or n_val == n:
+  if n_val == 0 or n_val == len(ds):
     raise ValueError(f"fraction={fraction} of {n} rows leaves an empty train or val part")
-  perm = np.random.default_rng(seed).permutation(n)
-  return ds.subset(np.sort(perm[n_val:])), ds.subset(np.sort(perm[:n_val]))
+  val_rows = np.sort(rows[np.random.default_rng(seed).permutation(n)[:n_val]])
+  keep = np.ones(len(ds), bool)
+  keep[val_rows] = False
+  return ds.subset(np.flatnonzero(keep)), ds.subset(val_rows)
 
