@@ -19,9 +19,25 @@ def test_evaluate_cli_on_a_finished_run(tmp_path, capsys):
                       "knn,linear,semi", "--recipe", "reference,clean", "--epochs", "3"])
   assert rc == 0
   out = json.loads((tmp_path / "eval_6.json").read_text())
-  assert out["step"] == 6 and 0.0 <= out["knn_accuracy"] <= 100.0
+  # The run's own kNN settings (tiny: k 10, batch 64), so the figure is results.json's exactly.
+  assert out["step"] == 6 and out["test_knn_accuracy"] == results["last"]["test_knn_accuracy"]
+  saved = json.loads((tmp_path / "results.json").read_text())
+  assert out["test_knn_accuracy"] == saved["last"]["test_knn_accuracy"]
   for key in ("linear_reference", "linear_clean", "semi10_reference", "semi10_clean"):
     assert set(out[key]) >= {"final", "best", "best_epoch"}
+  capsys.readouterr()
+
+
+def test_evaluate_reproduces_the_selected_checkpoint_of_a_run_with_validation(tmp_path, capsys):
+  config = tiny.get_config()
+  config.val_fraction = 0.25
+  results = train.train_and_evaluate(config, str(tmp_path))
+  assert results["selection"].startswith("best validation kNN")
+  assert evaluate.main(["--workdir", str(tmp_path), "--protocol", "knn"]) == 0   # best
+  best = results["best"]
+  out = json.loads((tmp_path / f"eval_{best['step']}.json").read_text())
+  assert out["val_knn_accuracy"] == best["val_knn_accuracy"]
+  assert out["test_knn_accuracy"] == best["test_knn_accuracy"]
   capsys.readouterr()
 
 

@@ -104,3 +104,32 @@ def test_extract_features_with_knn_end_to_end(data):
   np.testing.assert_array_equal(b, bank)
   assert knn.knn_accuracy(b, bank_y, q, q_y, C, k=20) == knn.knn_accuracy(bank, bank_y, queries,
                                                                           q_y, C, k=20)
+
+
+def test_unlabelled_rows_are_neither_votes_nor_misses():
+  """STL-10 style data: unlabelled bank rows do not vote, unlabelled query rows are not scored."""
+  import types
+  from mocosfl_jax.data import sources
+  from mocosfl_jax.evaluation import features
+
+  rng = np.random.default_rng(0)
+  centres = rng.integers(0, 256, (3, 1, 1, 3))
+
+  def dataset(n, unlabelled):
+    labels = (np.arange(n) % 3).astype(np.int32)
+    images = np.clip(centres[labels] + rng.integers(-20, 20, (n, 4, 4, 3)), 0, 255)
+    labels[:unlabelled] = -1
+    return sources.ArrayDataset(images.astype(np.uint8), labels, 3, np.zeros(3), np.ones(3), 4,
+                                "synthetic")
+
+  def fn(client_vars, server_vars, images):
+    del client_vars, server_vars
+    x = images.reshape(images.shape[0], -1).astype(jnp.float32) - 128.0
+    return x / jnp.linalg.norm(x, axis=1, keepdims=True)
+
+  clients = types.SimpleNamespace(online={"w": np.zeros((1, 1))})
+  server = types.SimpleNamespace(online={})
+  bank, query = dataset(60, unlabelled=30), dataset(30, unlabelled=20)
+  accs = features.knn_accuracies(fn, clients, server, bank, {"q": query, "all": dataset(30, 0)},
+                                 k=5, t=0.1, batch_size=16)
+  assert accs["q"] == 100.0 and accs["all"] == 100.0     # misses would give 33.3%

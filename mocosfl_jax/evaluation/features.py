@@ -5,6 +5,8 @@ right after a sync every client holds the same model). The kNN monitor uses the 
 projection output; the linear and semi-supervised probes use the pooled backbone features
 before the head.
 """
+from typing import Mapping
+
 import jax
 import jax.numpy as jnp
 
@@ -44,12 +46,31 @@ def client0(clients):
   return jax.tree.map(lambda a: a[0], clients.online)
 
 
+def knn_accuracies(fn, clients, server, bank: sources.ArrayDataset,
+                   queries: Mapping[str, sources.ArrayDataset], *, k: int, t: float,
+                   batch_size: int) -> dict[str, float]:
+  """Top-1 kNN accuracy (%) of each query set against `bank`, features by `fn`.
+
+  Only labelled rows take part: unlabelled bank rows (STL-10's unlabelled part) have no class to
+  vote for and unlabelled query rows none to be scored against, so neither is embedded. The bank
+  is embedded once for all query sets.
+  """
+  args = (client0(clients), server.online)
+  keep = bank.labels >= 0
+  bank_images = bank.images if keep.all() else bank.images[keep]
+  bank_f = knn.extract_features(fn, bank_images, batch_size, args=args)
+  out = {}
+  for name, query in queries.items():
+    scored = query.labels >= 0
+    images = query.images if scored.all() else query.images[scored]
+    query_f = knn.extract_features(fn, images, batch_size, args=args)
+    out[name] = knn.knn_accuracy(bank_f, bank.labels[keep], query_f, query.labels[scored],
+                                 bank.num_classes, k=min(k, int(keep.sum())), t=t)
+  return out
+
+
 def knn_accuracy(fn, clients, server, bank: sources.ArrayDataset, query: sources.ArrayDataset,
                  *, k: int, t: float, batch_size: int) -> float:
-  """Top-1 kNN accuracy (%) of `query` against the labelled rows of `bank`, features by `fn`."""
-  args = (client0(clients), server.online)
-  bank_f = knn.extract_features(fn, bank.images, batch_size, args=args)
-  query_f = knn.extract_features(fn, query.images, batch_size, args=args)
-  keep = bank.labels >= 0
-  return knn.knn_accuracy(bank_f[keep], bank.labels[keep], query_f, query.labels,
-                          bank.num_classes, k=min(k, int(keep.sum())), t=t)
+  """Top-1 kNN accuracy (%) of `query` against the labelled rows of `bank` (`knn_accuracies`)."""
+  return knn_accuracies(fn, clients, server, bank, {"query": query}, k=k, t=t,
+                        batch_size=batch_size)["query"]

@@ -23,14 +23,44 @@ from mocosfl_jax.run import checkpoints
 PROTOCOLS = ("knn", "linear", "semi")
 
 
+def knn_monitor(exp: experiment_lib.Experiment, net):
+  """The run's kNN evaluation: `fn(clients, server, splits) -> {split: accuracy %}`.
+
+  The one kNN function of training (every evaluation, results.json) and of `evaluate`, so both
+  give the same figure for the same checkpoint: the bank is the run's training data, k, t and the
+  batch size are the run's `knn_k`, `knn_t` and `eval_batch_size`. `splits` names attributes of
+  the experiment ('val', 'test'); the bank is embedded once for all of them.
+  """
+  embed = features.embed_fn(net, jnp.asarray(exp.aug.mean), jnp.asarray(exp.aug.std))
+  c = exp.config
+
+  def fn(clients, server, splits=("test",)) -> dict:
+    queries = {name: getattr(exp, name) for name in splits}
+    return features.knn_accuracies(embed, clients, server, exp.train, queries, k=c.knn_k,
+                                   t=c.knn_t, batch_size=c.eval_batch_size)
+
+  return fn
+
+
+def selects_on_validation(config) -> bool:
+  """Whether a run selected a checkpoint: only with a validation split (`val_fraction` > 0)."""
+  return config.get("val_fraction", 0.0) > 0
+
+
 def restore_for_eval(workdir, checkpoint="best"):
-  """(experiment, net, clients, server, step) from a run directory's checkpoint and its meta."""
+  """(experiment, net, clients, server, step) from a run directory's checkpoint and its meta.
+
+  'best' is the checkpoint the run selected on validation kNN; a run without a validation split
+  selected nothing, and 'best' is then its latest checkpoint (as results.json reports).
+  """
   ckpt_dir = Path(workdir) / "checkpoints"
   if checkpoints.latest_step(ckpt_dir) is None:
     raise FileNotFoundError(f"no checkpoint under {ckpt_dir}; is --workdir a training run "
                             "directory (python -m mocosfl_jax.main --workdir ...)?")
   step = int(checkpoint) if str(checkpoint).isdigit() else checkpoint
   with checkpoints.Checkpointer(ckpt_dir, read_only=True) as ckpt:
+    if step == "best" and not selects_on_validation(ckpt.read_meta("latest").get("config", {})):
+      step = "latest"
     meta = ckpt.read_meta(step)
     if "model" not in meta or "step_config" not in meta or "config" not in meta:
       raise ValueError(f"checkpoint {step} in {ckpt_dir} has no model/config metadata; it was not "
@@ -44,16 +74,21 @@ def restore_for_eval(workdir, checkpoint="best"):
 
 
 def evaluate(workdir, checkpoint="best", protocols=("knn",), recipes=("reference",),
-             epochs: int = 100, seed: int = 0, batch_size: int = 256) -> dict:
-  """Runs `protocols` on a run's checkpoint; returns the results as a dict."""
+             epochs: int = 100, seed: int = 0, batch_size: int | None = None) -> dict:
+  """Runs `protocols` on a run's checkpoint; returns the results as a dict.
+
+  kNN is `knn_monitor` (the run's own settings): on the test split, and on the validation split
+  too when the run held one out. `batch_size` (default: the run's eval_batch_size) is the
+  feature-extraction batch of the probes.
+  """
   exp, net, clients, server, step = restore_for_eval(workdir, checkpoint)
   mean, std = jnp.asarray(exp.aug.mean), jnp.asarray(exp.aug.std)
+  batch_size = batch_size or exp.config.eval_batch_size
   results = {"workdir": str(Path(workdir).absolute()), "step": step, "dataset": exp.train.name}
   if "knn" in protocols:
-    fn = features.embed_fn(net, mean, std)
-    results["knn_accuracy"] = features.knn_accuracy(fn, clients, server, exp.train, exp.test,
-                                                    k=knn.DEFAULT_K, t=knn.DEFAULT_T,
-                                                    batch_size=batch_size)
+    splits = ("val", "test") if exp.val is not None else ("test",)
+    accs = knn_monitor(exp, net)(clients, server, splits)
+    results.update({f"{name}_knn_accuracy": acc for name, acc in accs.items()})
   if {"linear", "semi"} & set(protocols):
     fn = features.features_fn(net, mean, std)
     args = (features.client0(clients), server.online)
