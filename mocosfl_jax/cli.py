@@ -8,7 +8,8 @@ the package uses absl flags, through `run`, and behaves the same way:
   command's flags and `--helpfull` adds absl's own (`--verbosity`, `--log_dir`, `--flagfile`, ...);
 * a bad flag or value, a stray positional argument, or an error the command reports (one of the
   exception types it passes as `errors`) prints one line, `error: <what>`, on stderr and exits
-  with status 2; success exits with 0;
+  with status 2; success exits with 0; `--debug` shows the traceback of a reported error
+  instead (other exceptions are bugs and always show theirs);
 * run as a program, the command goes through `absl.app.run`, which logs at INFO through absl's
   handler. orbax logs every checkpoint file it writes at INFO, so its records below WARNING are
   dropped; everything else the library logs (plan, compilation, resume) stays visible.
@@ -60,10 +61,12 @@ def _namespace(flag_values: flags.FlagValues, names) -> types.SimpleNamespace:
   return types.SimpleNamespace(**{n.replace("-", "_"): flag_values[n].value for n in names})
 
 
-def _call(body: Body, args, errors) -> int:
+def _call(body: Body, args, errors, debug: bool = False) -> int:
   try:
     status = body(args)
   except errors as e:  # pylint: disable=catching-non-exception  (a tuple of exception types)
+    if debug:
+      raise
     _error(e)
     return USAGE_ERROR
   return 0 if status is None else int(status)
@@ -89,6 +92,7 @@ def run(define: Define, body: Body, argv: Sequence[str] | None = None, *,
   define(flag_values, argv)
   names = list(flag_values)
   flags.DEFINE_bool("help", False, "Show the command's flags.", flag_values=flag_values)
+  _define_debug(flag_values)
   try:
     rest = flag_values(argv)
   except flags.Error as e:
@@ -100,7 +104,13 @@ def run(define: Define, body: Body, argv: Sequence[str] | None = None, *,
   if len(rest) > 1:
     _error(f"unexpected arguments {rest[1:]}; every argument is a --flag")
     return USAGE_ERROR
-  return _call(body, _namespace(flag_values, names), errors)
+  return _call(body, _namespace(flag_values, names), errors, flag_values.debug)
+
+
+def _define_debug(flag_values: flags.FlagValues) -> None:
+  if "debug" not in flag_values:
+    flags.DEFINE_bool("debug", False, "Show the traceback of a reported error instead of its "
+                      "one-line message.", flag_values=flag_values)
 
 
 def _run_program(define: Define, body: Body, errors) -> None:
@@ -109,6 +119,7 @@ def _run_program(define: Define, body: Body, errors) -> None:
   def parse(argv):
     before = set(flags.FLAGS)
     define(flags.FLAGS, argv)
+    _define_debug(flags.FLAGS)
     names.extend(n for n in flags.FLAGS if n not in before)
     for name in names:  # --help lists them also when a wrapper script is the main module
       flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[name])
@@ -122,7 +133,7 @@ def _run_program(define: Define, body: Body, errors) -> None:
     if len(rest) > 1:
       _error(f"unexpected arguments {rest[1:]}; every argument is a --flag")
       return USAGE_ERROR
-    return _call(body, _namespace(flags.FLAGS, names), errors)
+    return _call(body, _namespace(flags.FLAGS, names), errors, flags.FLAGS.debug)
 
   quiet_orbax()
   app.run(main, flags_parser=parse)

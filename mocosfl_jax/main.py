@@ -14,6 +14,8 @@ from absl import flags
 from ml_collections import config_flags
 
 from mocosfl_jax import cli, quickstart
+from mocosfl_jax.data import sources
+from mocosfl_jax.run import workdir_lock
 
 DEFAULT_CONFIG = quickstart.__file__
 DEFAULT_WORKDIR = "runs/quickstart"
@@ -31,15 +33,21 @@ def train(args) -> int:
   from mocosfl_jax.run import train as train_lib  # pylint: disable=g-import-not-at-top  (--help stays fast)
   results = train_lib.train_and_evaluate(args.config, args.workdir)
   print(json.dumps(results, indent=1))
-  print(f"final test kNN accuracy: {results['last']['test_knn_accuracy']:.2f}% (last), "
-        f"{results['best']['test_knn_accuracy']:.2f}% (selected on validation, step "
-        f"{results['best']['step']}); run directory: {os.path.abspath(args.workdir)}")
+  line = f"final test kNN accuracy: {results['last']['test_knn_accuracy']:.2f}% (last step)"
+  if "best" in results:
+    line += (f", {results['best']['test_knn_accuracy']:.2f}% (selected on validation, step "
+             f"{results['best']['step']})")
+  print(f"{line}; run directory: {os.path.abspath(args.workdir)}")
   return 0
 
 
 def main(argv=None) -> int:
   """Runs the command (argv without the program name; None: sys.argv, as a program)."""
-  return cli.run(define_flags, train, argv, errors=())
+  # User errors: bad config values, missing or unprepared data, a busy workdir, a diverged run
+  # (train.NonFiniteLossError is a FloatingPointError). --debug shows their tracebacks.
+  return cli.run(define_flags, train, argv,
+                 errors=(ValueError, FileNotFoundError, sources.DatasetNotPreparedError,
+                         FloatingPointError, workdir_lock.WorkdirLockedError))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,8 @@
 """The run a user trusts: exact resume after a kill, interrupted checkpoint writes, NaN stop, config errors."""
+import hashlib
 import json
+import subprocess
+import sys
 
 import chex
 import jax
@@ -7,7 +10,7 @@ import numpy as np
 import pytest
 
 from mocosfl_jax import experiment
-from mocosfl_jax.run import checkpoints, metrics, train
+from mocosfl_jax.run import checkpoints, metrics, train, workdir_lock
 from mocosfl_jax.algorithm import state as state_lib
 from mocosfl_jax.models import build
 
@@ -35,18 +38,56 @@ def uninterrupted(tmp_path_factory):
 def test_run_writes_metrics_checkpoints_and_results(uninterrupted):
   workdir, results = uninterrupted
   records = metrics.read_metrics(workdir)
-  assert records[0]["step"] == 0 and "knn_accuracy" in records[0]
-  assert "test_knn_accuracy" in records[0]
+  assert records[0]["step"] == 0 and "test_knn_accuracy" in records[0]
+  assert "val_knn_accuracy" not in records[0]       # val_fraction=0: nothing to select on
   train_records = [r for r in records if "loss" in r]
   assert [r["step"] for r in train_records] == [2, 4, 6]
   assert all(np.isfinite(r["loss"]) and "server_lr" in r and "steps_per_sec" in r
              for r in train_records)
   assert results["last"]["step"] == 6
-  assert 0.0 <= results["best"]["test_knn_accuracy"] <= 100.0
+  assert 0.0 <= results["last"]["test_knn_accuracy"] <= 100.0
+  assert "best" not in results and results["selection"].startswith("none")
+  assert results["reported_step"] == 6
   saved = json.loads((workdir / "config.json").read_text())
   assert saved["model"]["arch"] == "resnet_tiny"
   assert (workdir / "partition.json").exists() and (workdir / "partition.png").exists()
   assert checkpoints.read_meta(workdir / "checkpoints", 6)["model"]["cut"] == 2
+
+
+def test_logged_values_are_window_means_fetched_at_log_steps(tmp_path, monkeypatch):
+  """The loop never reads a step's metrics on the host; log records hold window means."""
+  real_step = train.simulated_step
+  losses = []
+
+  def recording(*args):
+    state, m = real_step(*args)
+    losses.append(m["loss"])
+    return state, m
+
+  fetched = []
+  real_get = jax.device_get
+  monkeypatch.setattr(train, "simulated_step", recording)
+  monkeypatch.setattr(train.jax, "device_get", lambda x: fetched.append(1) or real_get(x))
+  config = tiny.get_config()
+  config.avg_freq = 16           # a sync every 2 steps, so divergences are logged too
+  train.train_and_evaluate(config, str(tmp_path))
+  records = [r for r in metrics.read_metrics(tmp_path) if "loss" in r]
+  values = np.array(jax.device_get(losses), np.float64)
+  assert [r["step"] for r in records] == [2, 4, 6]
+  for r, window in zip(records, (values[0:2], values[2:4], values[4:6])):
+    assert r["loss"] == pytest.approx(float(np.mean(window)), rel=1e-6)
+  # One fetch per log step for the means plus one finiteness check per checkpoint not on a log
+  # step (step 3), not one per step.
+  assert len(fetched) <= 2 * len(records) + 2
+
+  # Every logged metric family lands in a plot.
+  names = {k for r in metrics.read_metrics(tmp_path) for k in r} - {"step"}
+  assert {"loss", "div_online_global", "test_knn_accuracy", "server_lr"} <= names
+  unplotted = sorted(k for k in names if metrics.plot_group(k) is None
+                     and k not in metrics.NOT_PLOTTED)
+  assert unplotted == []
+  for stem in {metrics.plot_group(k) for k in names} - {None}:
+    assert (tmp_path / metrics.PLOTS_DIR / f"{stem}.png").exists(), stem
 
 
 def test_resume_after_kill_equals_uninterrupted_run(uninterrupted, tmp_path, monkeypatch):
@@ -108,9 +149,38 @@ def test_invalid_config_fails_before_compilation_naming_the_field(field, value, 
     experiment.resolve(config)
 
 
+def _file_hashes(directory):
+  return {p.relative_to(directory): hashlib.sha256(p.read_bytes()).hexdigest()
+          for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
 def test_resume_with_a_changed_config_is_refused(uninterrupted, tmp_path):
   workdir, _ = uninterrupted
+  before = _file_hashes(workdir)
   config = tiny.get_config()
   config.lr = 0.5
-  with pytest.raises(ValueError, match=r"different config \(lr: 0.06 -> 0.5\)"):
+  config.noniid_ratio = 0.5       # changes the partition files too, were they rewritten
+  with pytest.raises(ValueError, match=r"different config \(lr: 0.06 -> 0.5, noniid_ratio"):
     train.train_and_evaluate(config, str(workdir))
+  assert _file_hashes(workdir) == before       # config.json, partition.* untouched
+
+
+def test_a_second_process_is_refused_while_a_run_holds_the_workdir(tmp_path):
+  tmp_path.joinpath("notes.txt").write_text("kept")
+  holder = subprocess.Popen(
+      [sys.executable, "-c", "import sys, time; from mocosfl_jax.run import workdir_lock\n"
+       "with workdir_lock.hold(sys.argv[1]):\n  print('held', flush=True); time.sleep(60)",
+       str(tmp_path)], stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    before = _file_hashes(tmp_path)
+    with pytest.raises(workdir_lock.WorkdirLockedError,
+                       match=rf"in use by a training run \(pid {holder.pid} on host"):
+      train.train_and_evaluate(tiny.get_config(), str(tmp_path))
+    assert _file_hashes(tmp_path) == before
+  finally:
+    holder.kill()
+    holder.wait()
+  # The lock dies with its holder (even killed): the directory is usable again.
+  with workdir_lock.hold(tmp_path):
+    pass

@@ -200,7 +200,8 @@ class Checkpointer:
       policies.append(cm.BestN(get_metric_fn=metric_fn, reverse=(best_mode == "min"), n=keep_best,
                                keep_checkpoints_without_metrics=False))
     options = ocp.CheckpointManagerOptions(
-        preservation_policy=cm.AnyPreservationPolicy(policies), best_fn=metric_fn,
+        preservation_policy=cm.AnyPreservationPolicy(policies),
+        best_fn=metric_fn if keep_best else None,
         best_mode=best_mode, keep_checkpoints_without_metrics=False, create=not read_only,
         read_only=read_only, save_interval_steps=0 if read_only else 1,
         enable_async_checkpointing=async_save,

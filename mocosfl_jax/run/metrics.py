@@ -21,7 +21,8 @@ import numpy as np
 METRICS_FILE = "metrics.jsonl"
 PLOTS_DIR = "plots"
 
-# Plot groups: file stem -> predicate over metric names.
+# Plot groups: file stem -> predicate over metric names. Every metric the training run logs lands
+# in one of them (tests/test_train.py checks); `epoch` is the only record field not plotted.
 _PLOT_GROUPS = {
     "loss": lambda k: "loss" in k,
     "contrastive_accuracy": lambda k: ("acc" in k and "knn" not in k and "probe" not in k
@@ -29,8 +30,17 @@ _PLOT_GROUPS = {
     "learning_rate": lambda k: k == "lr" or k.endswith("_lr") or k.startswith("lr_")
                                or "learning_rate" in k,
     "knn_accuracy": lambda k: "knn" in k,
-    "divergence": lambda k: "divergence" in k,
+    "divergence": lambda k: "divergence" in k or k.startswith("div_"),
+    "positive_logit": lambda k: k.startswith("pos_logit"),
+    "sync": lambda k: k == "synced",
+    "speed": lambda k: k in ("steps_per_sec", "eval_seconds"),
 }
+NOT_PLOTTED = ("epoch",)
+
+
+def plot_group(name: str) -> str | None:
+  """The plot (file stem) metric `name` is drawn in, or None."""
+  return next((stem for stem, wanted in _PLOT_GROUPS.items() if wanted(name)), None)
 
 
 def _to_value(name: str, value):
@@ -157,7 +167,7 @@ def _series(records: list[dict]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 def plot_metrics(run_dir, out_dir=None) -> list[Path]:
   """Writes one PNG per metric group present (loss, contrastive accuracy, learning rates, kNN
-  accuracy, divergence) to `out_dir` (default `<run_dir>/plots`); returns the written paths."""
+  accuracy, divergence, positive logit, sync, speed) to `out_dir` (default `<run_dir>/plots`); returns the written paths."""
   import matplotlib
   matplotlib.use("Agg", force=True)
   import matplotlib.pyplot as plt
@@ -165,8 +175,8 @@ def plot_metrics(run_dir, out_dir=None) -> list[Path]:
   series = _series(read_metrics(run_dir))
   out_dir = Path(out_dir) if out_dir is not None else Path(run_dir) / PLOTS_DIR
   written = []
-  for stem, wanted in _PLOT_GROUPS.items():
-    names = sorted(k for k in series if wanted(k))
+  for stem in _PLOT_GROUPS:
+    names = sorted(k for k in series if plot_group(k) == stem)
     if not names:
       continue
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -4,16 +4,23 @@
 
 One simulated step is one jit call that donates the state (`simulated_step`): it draws every pool
 client's batch indices (stateless per-client streams, so resume is exact), gathers the uint8
-images on device, augments two views and runs `parallel.train_step_fn`. Rerunning in the same
-workdir resumes from the latest checkpoint. Checkpoints are selected on kNN accuracy over a
-validation split held out of the training data, never the test set (the reference selects on
-test; docs/reference.md); test numbers are reported for both the last and the selected
-checkpoint.
+images on device, augments two views and runs `parallel.train_step_fn`. The loop never waits for
+a step: metrics stay on the device and are fetched as window means at log steps (and checked for
+non-finite values there and before any checkpoint is written). Rerunning in the same workdir
+resumes from the latest checkpoint; the workdir is locked while a run trains in it.
+
+Evaluation follows the reference's cadence (kNN once per epoch by default, linear and
+semi-supervised probes at the end). With the default `val_fraction=0` every training image goes to
+the clients, as in the reference, and nothing is selected: results.json reports the last
+checkpoint and the test kNN curve. With `val_fraction > 0` a validation split is held out of the
+training data and the checkpoint with the best validation kNN is selected and reported beside
+the last one; the test set never selects anything (the reference selects on test;
+docs/reference.md, 'Checkpoint selection').
 """
+import contextlib
 import dataclasses
 import functools
 import json
-import math
 import time
 from pathlib import Path
 
@@ -29,9 +36,9 @@ from mocosfl_jax import parallel
 from mocosfl_jax.algorithm import plan
 from mocosfl_jax.algorithm.state import TrainState
 from mocosfl_jax.data import augment, partition as partition_lib, sampler
-from mocosfl_jax.evaluation import features, protocols
+from mocosfl_jax.evaluation import protocols
 from mocosfl_jax.models import build
-from mocosfl_jax.run import checkpoints, metrics
+from mocosfl_jax.run import checkpoints, metrics, workdir_lock
 
 # Fields that may change when a run is resumed (they do not change the trajectory).
 RESUMABLE_CHANGES = {"log_every_steps", "eval_every_steps", "checkpoint_every_steps",
@@ -57,13 +64,15 @@ def simulated_step(net, cfg: plan.StepConfig, aug: experiment_lib.AugSpec, state
                                 par=par)
 
 
-def _check_resumable(saved: dict, current: dict, workdir) -> None:
+def check_resumable(saved: dict, current: dict, workdir) -> None:
+  """Refuses to resume a run whose trajectory-changing fields differ from the saved config."""
+  saved = config_lib.with_defaults(ml_collections.ConfigDict(saved)).to_dict()
   changed = sorted(k for k in set(saved) | set(current)
                    if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k))
   if changed:
     diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)
     raise ValueError(f"{workdir} holds a run with a different config ({diffs}); use a new "
-                     "--workdir, or the saved config to resume")
+                     "--workdir, or the saved config (config.json) to resume")
 
 
 def _saved(state: TrainState) -> dict:
@@ -71,24 +80,89 @@ def _saved(state: TrainState) -> dict:
   return {"clients": state.clients, "server": state.server}
 
 
+class MetricWindow:
+  """Per-step scalar metrics kept on the device; `flush` fetches their means in one transfer.
+
+  Means over the window for the loss and accuracies (the reference logs epoch means), the last
+  value for learning rates, and for divergences the mean over the window's sync steps (they are
+  measured at syncs only).
+
+  The training loop appends each step's metrics without waiting for the step, so dispatch runs
+  ahead of the device; the host reads values only at log steps and before checkpoints.
+  """
+
+  def __init__(self):
+    self._steps, self._values = [], []
+
+  def __len__(self):
+    return len(self._steps)
+
+  def add(self, step: int, m: dict) -> None:
+    self._steps.append(step)
+    # Scalars only: per-client metrics may be sharded over other hosts' devices.
+    self._values.append({k: v for k, v in m.items() if np.ndim(v) == 0})
+
+  def check_finite(self) -> None:
+    """Raises NonFiniteLossError(step, loss) for the window's first non-finite loss."""
+    losses = np.array(jax.device_get([v["loss"] for v in self._values]), np.float64)
+    bad = np.flatnonzero(~np.isfinite(losses))
+    if bad.size:
+      raise NonFiniteLossError(self._steps[bad[0]], float(losses[bad[0]]))
+
+  def flush(self) -> dict:
+    """Means over the window ({} if empty), which restarts; checks the losses first."""
+    if not self._steps:
+      return {}
+    self.check_finite()
+    values = jax.device_get(self._values)
+    self._steps, self._values = [], []
+    out = {}
+    synced = [v for v in values if v.get("synced", 0) > 0]
+    for k in values[-1]:
+      if k.endswith("_lr"):            # the schedule's value now, not a mean
+        out[k] = float(values[-1][k])
+      elif k.startswith("div_"):       # measured at syncs only (0 elsewhere): mean over syncs
+        if synced:
+          out[k] = float(np.mean([v[k] for v in synced]))
+      else:
+        out[k] = float(np.mean([v[k] for v in values]))
+    return out
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains (resuming from the latest checkpoint in `workdir` if any) and returns the results."""
+  """Trains (resuming from the latest checkpoint in `workdir` if any) and returns the results.
+
+  Every config field is checked, and a resume is checked against the saved config, before
+  anything is written to `workdir`.
+  """
   workdir = Path(workdir).expanduser().absolute()
-  workdir.mkdir(parents=True, exist_ok=True)
   # Multi-host: jax.distributed must start before anything touches the backend.
   config = config_lib.with_defaults(config)
   parallel.maybe_initialize_distributed(config.distributed or None)
   logging.info("JAX process %d/%d, devices: %s", jax.process_index(), jax.process_count(),
                jax.devices())
 
-  # ---- Config, data, model ----
+  # ---- Config, data, model (nothing written yet) ----
   exp = experiment_lib.resolve(config)
   config = exp.config
-  net, cfg, par = build(exp.model), exp.step, exp.par
+  net, cfg = build(exp.model), exp.step
   config_dict = config.to_dict()
   logging.info("plan: model %s | %s | %d steps, eval every %d", exp.model, cfg, exp.num_steps,
                exp.eval_every)
   primary = jax.process_index() == 0      # multi-host: one process writes the run files
+  ckpt_dir = workdir / "checkpoints"
+  if checkpoints.latest_step(ckpt_dir) is not None:
+    check_resumable(checkpoints.read_meta(ckpt_dir, "latest").get("config", {}), config_dict,
+                    workdir)
+
+  workdir.mkdir(parents=True, exist_ok=True)
+  with workdir_lock.hold(workdir) if primary else contextlib.nullcontext():
+    return _run(exp, net, workdir, primary)
+
+
+def _run(exp, net, workdir: Path, primary: bool) -> dict:
+  config, cfg, par = exp.config, exp.step, exp.par
+  config_dict = config.to_dict()
   if primary:
     (workdir / "config.json").write_text(json.dumps(
         {"config": config_dict, "model": exp.model.to_dict(), "step": dataclasses.asdict(cfg),
@@ -113,16 +187,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                json.dumps(held))
 
   # ---- Resume ----
-  ckpt_dir = workdir / "checkpoints"
-  ckpt = checkpoints.Checkpointer(ckpt_dir, keep_latest=config.keep_checkpoints, keep_best=1,
-                                  best_metric="knn_accuracy")
+  selecting = exp.val is not None
+  ckpt = checkpoints.Checkpointer(workdir / "checkpoints", keep_latest=config.keep_checkpoints,
+                                  keep_best=1 if selecting else 0, best_metric="knn_accuracy")
   start = 0
   if ckpt.latest_step() is not None:
     restored = ckpt.restore("latest", _saved(state))
-    _check_resumable(restored.meta.get("config", {}), config_dict, workdir)
     state = state.replace(**restored.state)
     start = restored.step
-    logging.info("resumed from step %d in %s", start, ckpt_dir)
+    logging.info("resumed from step %d in %s", start, ckpt.directory)
   writer = (metrics.MetricsWriter(workdir, resume_step=start if start else None) if primary
             else metrics.MetricsWriter.null())
   meta = {"config": config_dict, "model": exp.model.to_dict(),
@@ -131,38 +204,46 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                       "input_size": exp.train.input_size, "num_classes": exp.train.num_classes}}
 
   # ---- Evaluation and checkpoints ----
-  embed = features.embed_fn(net, jnp.asarray(exp.aug.mean), jnp.asarray(exp.aug.std))
-
-  def knn(state, query):
-    return features.knn_accuracy(embed, state.clients, state.server, exp.train, query,
-                                 k=config.knn_k, t=config.knn_t,
-                                 batch_size=config.eval_batch_size)
+  monitor = protocols.knn_monitor(exp, net)
+  splits = ("val", "test") if selecting else ("test",)
 
   def save(step, state, metrics=None):
     if step not in ckpt.all_steps():
       ckpt.save(step, _saved(state), meta=meta, metrics=metrics)
 
-  def evaluate_and_save(step, state, extra=None):
+  def evaluate_and_save(step, state, always_save=False):
+    """kNN on every split; the checkpoint is written when selection needs it (or when due)."""
     t0 = time.time()
-    acc = knn(state, exp.val)
-    writer.write(step, {"knn_accuracy": acc, "eval_seconds": time.time() - t0, **(extra or {})})
-    save(step, state, {"knn_accuracy": acc})
+    accs = monitor(state.clients, state.server, splits)
+    record = {f"{name}_knn_accuracy": acc for name, acc in accs.items()}
+    writer.write(step, {**record, "eval_seconds": time.time() - t0})
+    if selecting:
+      save(step, state, {"knn_accuracy": accs["val"]})
+    elif always_save:
+      save(step, state)
+    return record
 
+  last_eval = None
   if start == 0:
-    evaluate_and_save(0, state, {"test_knn_accuracy": knn(state, exp.test)})
+    last_eval = evaluate_and_save(0, state, always_save=True)
 
   # ---- Train loop ----
   try:
-    state = _train_loop(exp, net, state, start, images, ckpt, writer,
-                        keys=(data_key, aug_key, pool_key), evaluate_and_save=evaluate_and_save,
-                        save=save)
-    results = _final_report(exp, knn, ckpt, state)
+    state, loop_eval = _train_loop(exp, net, state, start, images, ckpt, writer,
+                                   keys=(data_key, aug_key, pool_key),
+                                   evaluate_and_save=evaluate_and_save, save=save)
+    last_eval = loop_eval
+    if last_eval is None:  # resumed at the end: the last evaluation is not in memory
+      last_eval = {f"{n}_knn_accuracy": a
+                   for n, a in monitor(state.clients, state.server, splits).items()}
+    results = _final_report(exp, monitor, ckpt, state, last_eval, workdir)
   finally:  # let pending checkpoint writes finish even on Ctrl-C, so resume finds them
     ckpt.close()
     writer.close()
   probes_wanted = [x for x in config.final_protocols.split(",") if x in ("linear", "semi")]
-  if probes_wanted:  # evaluates the selected checkpoint from disk, exactly as evaluate does
-    results["probes"] = protocols.evaluate(workdir, "best", tuple(probes_wanted))
+  if probes_wanted:  # evaluates the reported checkpoint from disk, exactly as evaluate does
+    results["probes"] = protocols.evaluate(workdir, results["reported_step"],
+                                           tuple(probes_wanted))
   if not primary:
     return results
   (workdir / "results.json").write_text(json.dumps(results, indent=1))
@@ -174,14 +255,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def _train_loop(exp, net, state, start, images, ckpt, writer, *, keys, evaluate_and_save, save):
+  """Runs steps start..num_steps; returns (state, the last step's evaluation record or None)."""
   data_key, aug_key, pool_key = keys
   cfg, config = exp.step, exp.config
   table = sampler.ClientTable.from_partition(exp.parts, cfg.batch_size)
   progress = metrics.Progress(exp.num_steps, every=config.log_every_steps)
+  window = MetricWindow()
   logging.info("Initial compilation, this might take a few minutes...")
   t_last, s_last = time.time(), start
   pool = None
+  last_eval = None
   everyone = cfg.pool_size == cfg.num_clients
+
+  def flush_window(done, keep=False):
+    try:
+      return window.check_finite() if keep else window.flush()
+    except NonFiniteLossError as e:
+      bad_step, loss = e.args
+      ckpt.wait_until_finished()
+      raise NonFiniteLossError(
+          f"non-finite loss ({loss}) at step {bad_step + 1} (epoch "
+          f"{bad_step // cfg.steps_per_epoch}); stopped at step "
+          f"{done} without saving. The last good checkpoint is step {ckpt.latest_step()} in "
+          f"{ckpt.directory}; lower lr/c_lr and resume or restart.") from None
+
   for s in range(start, exp.num_steps):
     epoch, b = divmod(s, cfg.steps_per_epoch)
     if everyone:               # all clients in natural order: the step updates them in place
@@ -190,44 +287,56 @@ def _train_loop(exp, net, state, start, images, ckpt, writer, *, keys, evaluate_
       pool = plan.sample_pool(pool_key, epoch, cfg.num_clients, cfg.pool_size)
     state, m = simulated_step(net, cfg, exp.aug, state, images, table, data_key, aug_key, pool,
                               jnp.int32(epoch), jnp.int32(b), exp.par)
-    loss = float(m["loss"])
+    window.add(s, m)
     done = s + 1
-    if not math.isfinite(loss):
-      ckpt.wait_until_finished()
-      raise NonFiniteLossError(
-          f"non-finite loss ({loss}) at step {done} (epoch {epoch}); stopped without saving. "
-          f"The last good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}; lower "
-          "lr/c_lr and resume or restart.")
-    if done % config.log_every_steps == 0 or done == exp.num_steps:
+    last = done == exp.num_steps
+    evaluating = done % exp.eval_every == 0 or last
+    saving = evaluating or done % config.checkpoint_every_steps == 0
+    if saving and not (done % config.log_every_steps == 0 or last):
+      flush_window(done, keep=True)        # never checkpoint a non-finite state
+    elif done % config.log_every_steps == 0 or last:
+      means = flush_window(done)
       rate = (done - s_last) / max(time.time() - t_last, 1e-9)
       t_last, s_last = time.time(), done
-      # Scalars only: per-client metrics may be sharded over other hosts' devices.
-      scalars = {k: float(v) for k, v in m.items() if np.ndim(v) == 0}
-      writer.write(done, {**scalars, "epoch": epoch, "steps_per_sec": rate})
-      progress.update(done, force=True, loss=loss, acc=scalars.get("contrastive_acc", 0.0))
-    if done % exp.eval_every == 0 or done == exp.num_steps:
-      evaluate_and_save(done, state)
-    elif done % config.checkpoint_every_steps == 0:
+      writer.write(done, {**means, "epoch": epoch, "steps_per_sec": rate})
+      progress.update(done, force=True, loss=means["loss"],
+                      acc=means.get("contrastive_acc", 0.0))
+    if evaluating:
+      record = evaluate_and_save(done, state, always_save=last
+                                 or done % config.checkpoint_every_steps == 0)
+      last_eval = record if last else None
+    elif saving:
       save(done, state)
   ckpt.wait_until_finished()
-  return state
+  return state, last_eval
 
 
-def _final_report(exp, knn, ckpt, state) -> dict:
-  """Test kNN of the last state and of the checkpoint selected on validation kNN."""
+def _final_report(exp, monitor, ckpt, state, last_eval: dict, workdir: Path) -> dict:
+  """results.json: the last checkpoint, the validation-selected one if any, and the test curve."""
   last_step = exp.num_steps
-  results = {"last": {"step": last_step, "val_knn_accuracy": knn(state, exp.val),
-                      "test_knn_accuracy": knn(state, exp.test)}}
-  best = ckpt.best_step()
-  if best is not None and best != last_step:
-    r = ckpt.restore(best, _saved(state))
-    results["best"] = {"step": best,
-                       "val_knn_accuracy": r.meta.get("metrics", {}).get("knn_accuracy"),
-                       "test_knn_accuracy": knn(state.replace(**r.state), exp.test)}
+  results = {"last": {"step": last_step, **last_eval}}
+  if exp.val is not None:
+    best = ckpt.best_step()
+    results["selection"] = (f"best validation kNN (val_fraction={exp.config.val_fraction} of the "
+                            "training split held out)")
+    if best is not None and best != last_step:
+      r = ckpt.restore(best, _saved(state))
+      test = monitor(r.state["clients"], r.state["server"], ("test",))["test"]
+      results["best"] = {"step": best,
+                         "val_knn_accuracy": r.meta.get("metrics", {}).get("knn_accuracy"),
+                         "test_knn_accuracy": test}
+    else:
+      results["best"] = dict(results["last"])
+    results["reported_step"] = results["best"]["step"]
   else:
-    results["best"] = dict(results["last"])
-  first = [r for r in metrics.read_metrics(ckpt.directory.parent) if r["step"] == 0
-           and "test_knn_accuracy" in r]
-  if first:
-    results["init_test_knn_accuracy"] = first[0]["test_knn_accuracy"]
+    results["selection"] = ("none: val_fraction=0 (every training image trains, as the "
+                            "reference); the last checkpoint is reported")
+    results["reported_step"] = last_step
+  curve = [r for r in metrics.read_metrics(workdir) if "test_knn_accuracy" in r]
+  if curve:
+    top = max(curve, key=lambda r: r["test_knn_accuracy"])
+    results["init_test_knn_accuracy"] = next(
+        (r["test_knn_accuracy"] for r in curve if r["step"] == 0), None)
+    # The reference's reported kNN figure: it selects on the test set, so this is optimistic.
+    results["max_test_knn_accuracy"] = {"step": top["step"], "value": top["test_knn_accuracy"]}
   return results
