@@ -10,6 +10,7 @@ run eagerly, so cuts of one backbone share XLA's per-op compile cache.
 import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
 import types
@@ -369,6 +370,42 @@ def test_load_client_matches_saved_arrays(run_dir):
   ck = client_checkpoint.load_client(root / "good", "latest", "momentum", 0)
   assert (ck.step, ck.num_clients, ck.cfg) == (9, 3, CK_CFG)
   chex.assert_trees_all_equal(ck.variables, _client_vars(states[9], "momentum", 0))
+
+
+def _garble_arrays(step_dir):
+  """Overwrites the largest file under state/ (the array bytes) with random bytes."""
+  f = max((p for p in (step_dir / "state").rglob("*") if p.is_file()),
+          key=lambda p: p.stat().st_size)
+  f.write_bytes(np.random.default_rng(0).integers(0, 256, f.stat().st_size, np.uint8).tobytes())
+
+
+def test_export_skips_a_damaged_latest_step_and_says_which_it_used(run_dir, tmp_path, capsys,
+                                                                   caplog):
+  root, states = run_dir
+  work = tmp_path / "run"
+  shutil.copytree(root / "good", work)
+  _garble_arrays(work / "checkpoints" / "9")
+  rc, stdout, err = _cli(["--workdir", work, "--out", tmp_path / "c.onnx", "--no-verify"], capsys)
+  assert rc == 0, err
+  assert "checkpoint_step: 5" in stdout.splitlines()
+  assert any("step 9" in r.getMessage() and "damaged" in r.getMessage() for r in caplog.records)
+  assert (work / "checkpoints" / "9").is_dir()  # export only reads: nothing moved
+  rc, _, err = _cli(["--workdir", work, "--checkpoint", "9", "--out", tmp_path / "d.onnx"],
+                    capsys)
+  assert rc == 2 and err.startswith("error: checkpoint step 9 in ") and "is damaged" in err
+  assert len(err.strip().splitlines()) == 1 and not (tmp_path / "d.onnx").exists()
+
+
+def test_load_client_verifies_the_client_arrays_it_reads(run_dir):
+  root, states = run_dir
+  stacked = jax.tree.map(np.array, dict(states[9][0].momentum))  # copies: edited below
+  with checkpoints.Checkpointer(root / "good" / "checkpoints", read_only=True) as c:
+    c.verify(9, stacked, prefix=("clients", "momentum"))  # the names load_client reads match
+    kernel = stacked["params"]["layer0"]["conv"]["kernel"]
+    kernel.reshape(-1)[0] += 1.0
+    with pytest.raises(checkpoints.DamagedCheckpointError,
+                       match=r"step 9 .* e.g. \['clients/momentum/params/layer0/conv/kernel'\]"):
+      c.verify(9, stacked, prefix=("clients", "momentum"))
 
 
 @pytest.mark.parametrize("argv,message", [
