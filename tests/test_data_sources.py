@@ -1,7 +1,11 @@
 """Dataset sources: tfds mock data (no TF), digits, synthetic, image folders, clear errors, holdout."""
+import errno
 import importlib.util
+import os
 import pathlib
 import re
+import subprocess
+import sys
 import zipfile
 
 import numpy as np
@@ -128,6 +132,36 @@ def test_image_folder(tmp_path):
   assert train.labels.tolist() == [0, 0, 0, 1, 1, 1]  # classes sorted by folder name
   assert train.images[0, 0, 0, 0] == 40 and train.images[3, 0, 0, 0] == 0
   np.testing.assert_allclose(train.mean, [0.5141, 0.5775, 0.3985])
+
+
+@pytest.mark.parametrize("locked", ["n02", "n02/images"])
+def test_image_folder_unreadable_folder_is_an_error(tmp_path, monkeypatch, locked):
+  root = tmp_path / "tiny-imagenet-200"
+  write_folder(root, "train", ["n01", "n02"], n=2)
+  folder = root / "train" / locked
+  folder.chmod(0)
+  try:
+    try:
+      os.listdir(folder)
+    except PermissionError:
+      pass
+    else:  # root lists anything: refuse the listing the way the kernel refuses other users
+      real_scandir = os.scandir
+
+      def scandir(path="."):
+        if pathlib.Path(path) == folder:
+          raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_scandir(path)
+
+      monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(DatasetNotPreparedError,
+                       match=rf"^Dataset 'tiny_imagenet' in .*: cannot list "
+                       rf"{re.escape(str(folder))} \(Permission denied\); make every folder of "
+                       "the dataset readable") as err:
+      load("tiny_imagenet", "train", data_dir=tmp_path, image_size=8)
+    assert "\n" not in str(err.value)
+  finally:
+    folder.chmod(0o755)
 
 
 def test_image_folder_missing(tmp_path):
