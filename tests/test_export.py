@@ -530,6 +530,56 @@ def test_quantize_reports_activation_error(exported, tmp_path, mode):
   chex.assert_shape(run_client.ClientModel(str(out)).run(x), (4, 4, 8, 8))
 
 
+def test_quantize_refuses_to_overwrite_an_input(exported, tmp_path, capsys):
+  d, _ = exported
+  model = tmp_path / "c.onnx"
+  shutil.copy(d / "c.onnx", model)
+  before = model.read_bytes()
+  os.link(model, tmp_path / "hard.onnx")
+  (tmp_path / "sub").mkdir()
+  calib = tmp_path / "u8.npy"
+  shutil.copy(d / "u8.npy", calib)
+  for out, flag in [(model, "model"), (tmp_path / "sub" / ".." / "c.onnx", "model"),
+                    (tmp_path / "hard.onnx", "model"), (calib, "calib")]:
+    assert quantize.main(["--model", str(model), "--out", str(out), "--calib", str(calib)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --out {out} is the same file as --{flag} ") and \
+        "choose another --out" in err and len(err.strip().splitlines()) == 1, err
+  assert model.read_bytes() == before and calib.read_bytes() == (d / "u8.npy").read_bytes()
+
+
+def test_run_client_rejects_nan_and_inf_inputs(exported, tmp_path, capsys):
+  d, _ = exported
+  x = run_client.ClientModel(str(d / "c.onnx")).prepare(_digits_uint8(16, 2))
+  for value, index in [(np.nan, (1, 2, 3, 4)), (np.inf, (0, 0, 0, 0)), (-np.inf, (1, 0, 5, 5))]:
+    bad = x.copy()
+    bad[index] = value
+    np.save(tmp_path / "bad.npy", bad)
+    assert run_client.main(["--model", str(d / "c.onnx"), "--npy", str(tmp_path / "bad.npy"),
+                            "--out", str(tmp_path / "s.npy")]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: float32 input holds 1 NaN/Inf values (first at index {index}: "
+                   f"{value}); expected finite normalised tensors\n")
+  assert not (tmp_path / "s.npy").exists()
+
+
+def test_deploy_refusals_print_no_traceback(exported, tmp_path):
+  d, _ = exported
+  bad = run_client.ClientModel(str(d / "c.onnx")).prepare(_digits_uint8(16, 1))
+  bad[0, 0, 0, 0] = np.nan
+  np.save(tmp_path / "nan.npy", bad)
+  shutil.copy(d / "c.onnx", tmp_path / "c.onnx")  # the refusal is the new code's; keep d intact
+  root = Path(__file__).resolve().parent.parent
+  for argv in ([str(root / "export" / "quantize.py"), "--model", str(tmp_path / "c.onnx"),
+                "--out", str(tmp_path / "c.onnx")],
+               ["-m", "mocosfl_jax.deploy.run_client", "--model", str(d / "c.onnx"), "--npy",
+                str(tmp_path / "nan.npy")]):
+    proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = [l for l in proc.stderr.strip().splitlines() if l.startswith("error: ")]
+    assert "Traceback" not in proc.stderr and len(lines) == 1, proc.stderr
+
+
 def test_cli_does_not_write_a_model_onnxruntime_cannot_load(tmp_path, capsys):
   out = tmp_path / "new.onnx"
   rc, _, err = _cli(["--random-init", '{"arch": "resnet_tiny", "cut": 1, "width": 4, '
