@@ -199,17 +199,41 @@ def test_read_only_users_skip_a_damaged_step_without_moving_it(tmp_path, caplog)
 def test_explicit_damaged_step_is_one_line_error_naming_it(tmp_path):
   directory = tmp_path / "ck"
   _save_steps(directory)
-  _damage(_array_file(directory / "2"), "flip")
+  array_file = _array_file(directory / "2")
+  _damage(array_file, "flip")
+  rel = array_file.relative_to(directory / "2").as_posix()
   with pytest.raises(ckpt.DamagedCheckpointError,
-                     match=r"^checkpoint step 2 in .* is damaged: 1 entries differ from the "
-                     r"sha256 saved with them \(bytes changed on disk\), e.g. \['queue'\]$") as e:
+                     match=rf"^checkpoint step 2 in .* is damaged: 1 of its files differ from the "
+                     rf"sha256 recorded when the step was written, e.g. \['{rel}'\]$") as e:
     ckpt.maybe_restore(directory, _big_state(), step=2)
   assert "\n" not in str(e.value)
-  _damage(directory / "2" / "meta" / "metadata", "truncate")
+  _damage(directory / "2" / "meta" / "metadata", "delete")
   with pytest.raises(ckpt.DamagedCheckpointError,
-                     match=r"step 2 .* is damaged: unreadable \(JSONDecodeError: "):
+                     match=r"step 2 .* is damaged: 1 of its files are missing, e.g. "
+                     r"\['meta/metadata'\]$"):
     ckpt.read_meta(directory, 2)
   assert ckpt.read_meta(directory, "latest")["note"] == 1
+
+
+def test_arrays_are_verified_when_the_file_sums_were_never_written(tmp_path):
+  """A writer killed between orbax's commit and sha256sums.json: the arrays' own checksums,
+  committed with the step, still catch the damage (and name the array)."""
+  directory = tmp_path / "ck"
+  _save_steps(directory)
+  assert all((directory / str(s) / ckpt.FILE_SUMS).is_file() for s in (0, 1, 2))
+  for step in (1, 2):
+    (directory / str(step) / ckpt.FILE_SUMS).unlink()
+  _damage(_array_file(directory / "2"), "flip")
+  with pytest.raises(ckpt.DamagedCheckpointError,
+                     match=r"^checkpoint step 2 in .* is damaged: 1 entries differ from the sha256 "
+                     r"saved with them \(bytes changed on disk\), e.g. \['queue'\]$"):
+    ckpt.maybe_restore(directory, _big_state(), step=2)
+  _damage(_array_file(directory / "1"), "truncate")
+  with pytest.raises(ckpt.DamagedCheckpointError,
+                     match=r"^checkpoint step 1 in .* is damaged: unreadable \(ValueError: .*"
+                     r"queue"):
+    ckpt.maybe_restore(directory, _big_state(), step=1)
+  assert ckpt.maybe_restore(directory, _big_state()).step == 0
 
 
 def test_all_steps_damaged_is_one_error_and_nothing_moves(tmp_path):
@@ -219,9 +243,9 @@ def test_all_steps_damaged_is_one_error_and_nothing_moves(tmp_path):
     _damage(_array_file(directory / str(step)), how)
   with ckpt.Checkpointer(directory, keep_latest=3, keep_best=0) as c:
     with pytest.raises(ckpt.DamagedCheckpointError,
-                       match=r"^no intact checkpoint for 'latest' in .*: step 2: unreadable "
-                       r"\(ValueError: .*queue.*; step 1: unreadable .*; step 0: 1 entries "
-                       r"differ from the sha256") as e:
+                       match=r"^no intact checkpoint for 'latest' in .*: step 2: 1 of its files "
+                       r"are missing, .*; step 1: 1 of its files differ .*; step 0: 1 of its "
+                       r"files differ") as e:
       c.restore("latest", _big_state())
     assert c.all_steps() == [0, 1, 2]
   assert "\n" not in str(e.value) and not (directory / "damaged").exists()
@@ -254,6 +278,7 @@ def test_steps_saved_without_checksums_still_load_with_one_warning(tmp_path, cap
   _save_steps(directory)
   for step in (0, 1, 2):
     shutil.rmtree(directory / str(step) / "checksums")
+    (directory / str(step) / ckpt.FILE_SUMS).unlink()
   restored = ckpt.maybe_restore(directory, _big_state())
   assert restored.step == 2
   np.testing.assert_array_equal(_queue_of(restored), np.asarray(_big_state(2)["queue"]))

@@ -373,10 +373,11 @@ def test_load_client_matches_saved_arrays(run_dir):
 
 
 def _garble_arrays(step_dir):
-  """Overwrites the largest file under state/ (the array bytes) with random bytes."""
-  f = max((p for p in (step_dir / "state").rglob("*") if p.is_file()),
-          key=lambda p: p.stat().st_size)
-  f.write_bytes(np.random.default_rng(0).integers(0, 256, f.stat().st_size, np.uint8).tobytes())
+  """Overwrites every data file of the step's arrays with random bytes (orbax spreads the arrays
+  over several files under state/**/d/, in no fixed way)."""
+  rng = np.random.default_rng(0)
+  for f in (step_dir / "state").rglob("d/*"):
+    f.write_bytes(rng.integers(0, 256, f.stat().st_size, np.uint8).tobytes())
 
 
 def test_export_skips_a_damaged_latest_step_and_says_which_it_used(run_dir, tmp_path, capsys,
@@ -394,6 +395,12 @@ def test_export_skips_a_damaged_latest_step_and_says_which_it_used(run_dir, tmp_
                     capsys)
   assert rc == 2 and err.startswith("error: checkpoint step 9 in ") and "is damaged" in err
   assert len(err.strip().splitlines()) == 1 and not (tmp_path / "d.onnx").exists()
+  proc = subprocess.run([sys.executable, "-m", "mocosfl_jax.deploy.to_onnx", "--workdir",
+                         str(work), "--checkpoint", "9", "--out", str(tmp_path / "d.onnx")],
+                        capture_output=True, text=True, timeout=300,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+  assert [l for l in proc.stderr.splitlines() if l.startswith("error: ")] == [err.strip()]
 
 
 def test_load_client_verifies_the_client_arrays_it_reads(run_dir):

@@ -134,6 +134,7 @@ def _load_step(ckpt: checkpoints.Checkpointer, step: int, copy: str,
   expected = _paths(jax.tree.map(lambda s: tuple(s.shape),
                                  jax.eval_shape(net.init_client, jax.random.key(0))))
   state_dir = ckdir / str(step) / checkpoints.STATE
+  ckpt.check_files(step, (checkpoints.STATE,))
   with ckpt.reading(step):
     stored_tree = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata.tree
   clients = stored_tree.get("clients") if isinstance(stored_tree, dict) else None

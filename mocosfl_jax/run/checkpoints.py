@@ -13,6 +13,8 @@ Layout of one step directory ``<directory>/<step>/``:
   checksums/  JSON (JsonSave): sha256 of every state leaf's bytes (with dtype and shape) and of
               the meta JSON, computed from the very arrays handed to orbax and committed in the
               same step, so a committed step always carries the checksums of what it holds.
+  sha256sums.json  sha256 and size of every file of the three items, written by the writer once
+              orbax has committed the step (at its next save, wait_until_finished or close).
 
 Crash safety: orbax writes into ``<step>.orbax-checkpoint-tmp-*`` and renames it when the write is
 complete (after writing ``commit_success.txt``), so a killed run leaves only a tmp directory, which
@@ -22,18 +24,21 @@ it, writers rename it aside to ``<step>.incomplete-<ns>`` so the step can be wri
 
 Damage: orbax/tensorstore do not checksum array bytes, so a flipped byte in an array file loads
 silently (a queue of 1e38s, and the run then blames the learning rate), and a truncated, missing or
-garbage file fails deep inside tensorstore. Every restore recomputes the sha256 of what it read and
-compares it with the recorded one; a step that fails (mismatch, or any read error) is damaged.
-Asked for 'latest' or 'best', the restore falls back to the next candidate (older steps; for 'best'
-the next best) with a warning naming the damaged step; a writer moves the damaged steps it
-skipped into ``<directory>/damaged/<step>`` (never deletes them) so the run can write those steps
-again; read-only users leave them in place. Nothing is moved when no step is intact: that is one error listing each step's
-problem. An explicit step number that is damaged is an error naming the step and the problem.
-Steps written before checksums were recorded still load, with a warning that they cannot be
-verified. A step whose orbax metrics file is unreadable breaks orbax's step listing itself: writers
-set it aside when they open the directory, read-only users get an error saying so. Arrays spread
-over the devices of several processes (multi-host) have no checksum (each process would hash
-only its shards); everything a single process holds is checked.
+garbage file fails deep inside tensorstore (which then also prints stray asyncio tracebacks from
+reads still in flight). Every read first checks the step's files against sha256sums.json, without
+touching tensorstore, then recomputes the sha256 of the arrays it restored and compares them with
+the checksums item (this covers steps whose writer died before writing sha256sums.json); a step
+that fails either check, or any read, is damaged. Asked for 'latest' or 'best', the restore falls
+back to the next candidate (older steps; for 'best' the next best) with a warning naming the
+damaged step; a writer moves the damaged steps it skipped into ``<directory>/damaged/<step>``
+(never deletes them) so the run can write those steps again; read-only users leave them in place.
+Nothing is moved when no step is intact: that is one error listing each step's problem. An
+explicit step number that is damaged is an error naming the step and the problem. Steps written
+before checksums were recorded still load, with a warning that they cannot be verified. A step
+whose orbax metrics file is unreadable breaks orbax's step listing itself: writers set it aside
+when they open the directory, read-only users get an error saying so. Arrays spread over the
+devices of several processes (multi-host) have no array checksum (each process would hash only
+its shards); everything a single process holds is checked.
 
 Difference from the reference (docs/reference.md, 'Checkpoint selection'): it keeps only the
 best-kNN checkpoint; we keep the latest N as well, so runs can resume.
@@ -59,6 +64,8 @@ STATE = "state"
 META = "meta"
 CHECKSUMS = "checksums"
 DAMAGED = "damaged"
+FILE_SUMS = "sha256sums.json"
+_SEALED_ITEMS = (STATE, META, CHECKSUMS)
 _CHECKSUM_FORMAT = 1
 _METRICS_FILE = ("metrics", "metrics")  # orbax's per-step metrics item, read when it lists steps
 _COMMIT_FILE = "commit_success.txt"
@@ -152,6 +159,23 @@ def _unreadable_metrics(step_dir: Path) -> str | None:
   except (OSError, ValueError) as e:  # ValueError: UnicodeDecodeError and JSONDecodeError
     return f"its metrics file {'/'.join(_METRICS_FILE)} is unreadable ({_one_line(e)})"
   return None
+
+
+def _file_sha256(path: Path) -> str:
+  with open(path, "rb") as f:
+    return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _write_file_sums(step_dir: Path) -> None:
+  """Records size and sha256 of every file of the step's items (atomically: tmp + rename)."""
+  files = {}
+  for item in _SEALED_ITEMS:
+    for path in sorted((step_dir / item).rglob("*")):
+      if path.is_file() and path.name != _COMMIT_FILE:
+        files[path.relative_to(step_dir).as_posix()] = [path.stat().st_size, _file_sha256(path)]
+  tmp = step_dir / f"{FILE_SUMS}.tmp"
+  tmp.write_text(json.dumps({"format": _CHECKSUM_FORMAT, "files": files}, indent=1))
+  tmp.replace(step_dir / FILE_SUMS)
 
 
 def _set_aside(directory: Path, step_dir: Path) -> Path | None:
@@ -315,6 +339,7 @@ class Checkpointer:
         self.directory, options=options,
         item_handlers={STATE: ocp.StandardCheckpointHandler(), META: ocp.JsonCheckpointHandler(),
                        CHECKSUMS: ocp.JsonCheckpointHandler()})
+    self._unsealed: set[int] = set()  # saved here, sha256sums.json not yet written
     self._closed = False
     atexit.register(self.close)
 
@@ -344,6 +369,7 @@ class Checkpointer:
   def wait_until_finished(self):
     """Blocks until async writes are committed (call before reading or exiting)."""
     self._mngr.wait_until_finished()
+    self._seal_committed(finished=True)
 
   def close(self):
     if self._closed:
@@ -351,7 +377,28 @@ class Checkpointer:
     self._closed = True
     atexit.unregister(self.close)
     self._mngr.wait_until_finished()
+    self._seal_committed(finished=True)
     self._mngr.close()
+
+  def _seal_committed(self, finished: bool = False):
+    """Writes sha256sums.json for the steps saved here that orbax has committed since.
+
+    `finished`: no write is pending, so a step that is not there was removed by the retention
+    policy (or its write failed) and is dropped; otherwise it may still be in orbax's tmp dir.
+    """
+    for step in sorted(self._unsealed):
+      step_dir = self.directory / str(step)
+      if not (step_dir.is_dir() and _is_complete(step_dir)):
+        if finished:
+          self._unsealed.discard(step)
+        continue
+      self._unsealed.discard(step)
+      if jax.process_index() != 0:
+        continue
+      try:
+        _write_file_sums(step_dir)
+      except FileNotFoundError:  # removed meanwhile by the retention policy
+        pass
 
   # -- queries ---------------------------------------------------------------------------------
   def all_steps(self) -> list[int]:
@@ -426,6 +473,40 @@ class Checkpointer:
     if not isinstance(sums, Mapping) or sums.get("format") != _CHECKSUM_FORMAT:
       raise self._damaged(step, f"its {CHECKSUMS} file is not format {_CHECKSUM_FORMAT}")
     return dict(sums)
+
+  def check_files(self, step: int, items: tuple[str, ...] = _SEALED_ITEMS):
+    """Raises DamagedCheckpointError if a file of `items` differs from sha256sums.json.
+
+    Plain file reads, no tensorstore: damage is found before orbax touches it. A step without
+    sha256sums.json (written before them, or its writer died first) passes; `verify` still
+    checks its arrays.
+    """
+    step_dir = self.directory / str(step)
+    path = step_dir / FILE_SUMS
+    if not path.exists():
+      return
+    try:
+      files = json.loads(path.read_text())["files"]
+      listed = [(rel, int(size), str(digest)) for rel, (size, digest) in files.items()]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+      raise self._damaged(step, f"its {FILE_SUMS} is unreadable ({_one_line(e)})") from e
+    missing, changed = [], []
+    for rel, size, digest in listed:
+      if rel.split("/")[0] not in items:
+        continue
+      file = step_dir / rel
+      try:
+        if file.stat().st_size != size or _file_sha256(file) != digest:
+          changed.append(rel)
+      except FileNotFoundError:
+        missing.append(rel)
+      except OSError as e:
+        raise self._damaged(step, f"file {rel} is unreadable ({_one_line(e)})") from e
+    if missing:
+      raise self._damaged(step, f"{len(missing)} of its files are missing, e.g. {missing[:3]}")
+    if changed:
+      raise self._damaged(step, f"{len(changed)} of its files differ from the sha256 recorded "
+                          f"when the step was written, e.g. {changed[:3]}")
 
   def verify(self, step: int, tree=None, meta: Mapping | None = None,
              prefix: tuple[str, ...] = ()):
@@ -520,7 +601,11 @@ class Checkpointer:
     args = ocp.args.Composite(**{STATE: ocp.args.StandardSave(data),
                                  META: ocp.args.JsonSave(meta_json),
                                  CHECKSUMS: ocp.args.JsonSave(_checksums(data, meta_json))})
-    return self._mngr.save(step, args=args, metrics=metrics or None)
+    saved = self._mngr.save(step, args=args, metrics=metrics or None)
+    if saved:
+      self._unsealed.add(step)
+    self._seal_committed()  # the previous step, if orbax has committed it by now
+    return saved
 
   def restore(self, step, abstract_target) -> Restored:
     """Restores `step` (int, 'latest' or 'best') into the structure of `abstract_target`.
@@ -536,6 +621,7 @@ class Checkpointer:
     target = jax.tree.unflatten(treedef, [_abstract_leaf(x) for x in leaves])
 
     def attempt(s: int) -> Restored:
+      self.check_files(s)
       self._check_compatible(s, target)
       with self.reading(s):
         restored = self._mngr.restore(s, args=ocp.args.Composite(
@@ -554,6 +640,7 @@ class Checkpointer:
     self.wait_until_finished()
 
     def attempt(s: int) -> dict:
+      self.check_files(s, (META, CHECKSUMS))
       with self.reading(s):
         meta = dict(self._mngr.restore(s, args=ocp.args.Composite(
             **{META: ocp.args.JsonRestore()}))[META])
