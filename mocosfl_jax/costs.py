@@ -22,7 +22,8 @@ import jax.numpy as jnp
 from absl import flags
 
 from mocosfl_jax import cli
-from mocosfl_jax.models import SplitConfig, build, num_layers
+from mocosfl_jax.algorithm.plan import LOSS_FORMS
+from mocosfl_jax.models import SplitConfig, build, num_layers, validate
 from mocosfl_jax.models.layers import count_params
 
 MIB = 2**20
@@ -42,6 +43,32 @@ class Traffic:
   loss_form: str = "original"    # 'original' | 'two_view' | 'single'
   momentum_sync: bool = False    # MonAcoSFL also ships the momentum model
   frozen_client: bool = False    # TAResSFL deployment: no gradient, no sync
+
+
+def validate_traffic(t: Traffic) -> None:
+  """Raises ValueError naming the field for counts training would reject (or divide by)."""
+  for name in ("batch_size", "samples_per_client", "epochs", "sync_every"):
+    value = getattr(t, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ValueError(f"{name}={value!r}: must be an integer >= 1")
+  if t.samples_per_client < t.batch_size:
+    raise ValueError(f"samples_per_client={t.samples_per_client} is below batch_size="
+                     f"{t.batch_size}: a client would never complete a step")
+  if t.loss_form not in LOSS_FORMS:
+    raise ValueError(f"loss_form={t.loss_form!r} is unknown; valid: {list(LOSS_FORMS)}")
+
+
+def validate_cuts(arch: str, cuts) -> list[int]:
+  """The cuts to tabulate (default: all), checked as training checks config.cut."""
+  n = num_layers(arch)
+  cuts = list(range(1, n + 1)) if cuts is None else list(cuts)
+  if not cuts:
+    raise ValueError(f"cuts=[]: give at least one cut; {arch} has cuts 1..{n}")
+  for cut in cuts:
+    if isinstance(cut, bool) or not isinstance(cut, int) or not 1 <= cut <= n:
+      raise ValueError(f"cut={cut!r} is invalid for {arch}: valid cuts are 1..{n} (cut {n} puts "
+                       "the whole backbone on the client)")
+  return cuts
 
 
 def _compiled_stats(fn, *args) -> tuple[float, int]:
@@ -107,12 +134,20 @@ def _reference_calculator_mib(smashed_floats, client_params, t: Traffic) -> floa
 
 def cost_table(arch: str, *, bottleneck: str = "None", input_size: int = 32, head: str = "V2",
                cuts=None, traffic: Traffic = Traffic(), width: int = 64) -> list[dict]:
+  """One row per cut (default: every cut). Every argument is checked before anything compiles:
+  ValueError naming the field, as training reports a bad config (models.validate)."""
+  validate_traffic(traffic)
+  # conv_impl='lax': memory of plain convolutions, as a device (or ONNX) runs them; the CPU
+  # matmul form's shifted-view patches would inflate the buffers.
+  configs = [SplitConfig(arch=arch, cut=cut, bottleneck=bottleneck, input_size=input_size,
+                         head=head, width=width, conv_impl="lax")
+             for cut in validate_cuts(arch, cuts)]
+  for cfg in configs:
+    validate(cfg)
   rows = []
-  for cut in cuts or range(1, num_layers(arch) + 1):
-    # conv_impl='lax': memory of plain convolutions, as a device (or ONNX) runs them; the CPU
-    # matmul form's shifted-view patches would inflate the buffers.
-    net = build(SplitConfig(arch=arch, cut=cut, bottleneck=bottleneck, input_size=input_size,
-                            head=head, width=width, conv_impl="lax"))
+  for cfg in configs:
+    cut = cfg.cut
+    net = build(cfg)
     client_params = count_params(jax.eval_shape(net.init_client, jax.random.key(0))["params"])
     server_params = count_params(jax.eval_shape(net.init_server, jax.random.key(0))["params"])
     smashed = math.prod(net.smashed_shape)
@@ -146,8 +181,15 @@ def _parse_cuts(text: str | None):
     return None
   cuts = []
   for part in text.split(","):
-    lo, _, hi = part.partition("-")
-    cuts.extend(range(int(lo), int(hi or lo) + 1))
+    lo, _, hi = part.strip().partition("-")
+    try:
+      span = range(int(lo), int(hi or lo) + 1)
+    except ValueError:
+      raise ValueError(f"--cuts {text!r}: {part!r} is not a cut or a range; expected e.g. '1-9' "
+                       "or '1,2,5'") from None
+    if not span:
+      raise ValueError(f"--cuts {text!r}: the range {part!r} is empty; write it low-high")
+    cuts.extend(span)
   return cuts
 
 

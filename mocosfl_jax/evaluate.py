@@ -41,6 +41,7 @@ def evaluate_command(args) -> int:
     raise ValueError(f"unknown protocol/recipe {bad}; valid: {PROTOCOLS} and {probes.RECIPES}")
   t0 = time.time()
   results = evaluate(args.workdir, args.checkpoint, protocols, recipes, args.epochs, args.seed)
+  print(f"evaluated checkpoint step {results['step']} (--checkpoint {args.checkpoint})")
   results["seconds"] = time.time() - t0
   out = Path(args.workdir) / f"eval_{results['step']}.json"
   out.write_text(json.dumps(results, indent=1))

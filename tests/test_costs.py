@@ -1,5 +1,8 @@
 """The per-cut cost table: XLA-derived compute, and communication counted by hand."""
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -48,3 +51,36 @@ def test_cost_table_rows_grow_with_the_cut():
   assert all(r["client_forward_flops"] > 0 and r["client_memory_bytes"] > 0 for r in rows)
   assert rows[0]["client_params"] < rows[-1]["client_params"]
   json.dumps(rows)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--cuts", "99"], r"cut=99 is invalid for resnet18: valid cuts are 1\.\.9 \(cut 9 puts"),
+    (["--cuts", "0-2"], r"cut=0 is invalid for resnet18: valid cuts are 1\.\.9"),
+    (["--arch", "mobilenetv2", "--cuts", "1,19"], r"cut=19 is invalid for mobilenetv2: valid "
+     r"cuts are 1\.\.\d+"),
+    (["--cuts", "3-1"], r"--cuts '3-1': the range '3-1' is empty"),
+    (["--cuts", "one"], r"--cuts 'one': 'one' is not a cut or a range"),
+    (["--sync-every", "0"], r"sync_every=0: must be an integer >= 1"),
+    (["--batch-size", "0"], r"batch_size=0: must be an integer >= 1"),
+    (["--batch-size", "64", "--samples-per-client", "50"],
+     r"samples_per_client=50 is below batch_size=64"),
+    (["--input-size", "4"], r"input_size=4 is too small for resnet18"),
+    (["--head", "V9"], r"head='V9' is unknown"),
+    (["--bottleneck", "C4S8", "--cuts", "1,9"],
+     r"bottleneck='C4S8': stride 8 does not divide the 4x4 activation at cut 9"),
+])
+def test_cli_rejects_what_training_rejects(capsys, argv, message):
+  assert costs.main(argv) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+  assert __import__("re").search(message, err), err
+
+
+def test_cli_refusal_prints_no_traceback():
+  proc = subprocess.run([sys.executable, "-m", "mocosfl_jax.costs", "--cuts", "99"],
+                        capture_output=True, text=True, timeout=120,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr
+  assert proc.stderr.strip().splitlines() == [
+      "error: cut=99 is invalid for resnet18: valid cuts are 1..9 (cut 9 puts the whole backbone "
+      "on the client)"], proc.stderr

@@ -1,7 +1,11 @@
 """Dataset sources: tfds mock data (no TF), digits, synthetic, image folders, clear errors, holdout."""
+import errno
 import importlib.util
+import os
 import pathlib
 import re
+import subprocess
+import sys
 import zipfile
 
 import numpy as np
@@ -130,6 +134,36 @@ def test_image_folder(tmp_path):
   np.testing.assert_allclose(train.mean, [0.5141, 0.5775, 0.3985])
 
 
+@pytest.mark.parametrize("locked", ["n02", "n02/images"])
+def test_image_folder_unreadable_folder_is_an_error(tmp_path, monkeypatch, locked):
+  root = tmp_path / "tiny-imagenet-200"
+  write_folder(root, "train", ["n01", "n02"], n=2)
+  folder = root / "train" / locked
+  folder.chmod(0)
+  try:
+    try:
+      os.listdir(folder)
+    except PermissionError:
+      pass
+    else:  # root lists anything: refuse the listing the way the kernel refuses other users
+      real_scandir = os.scandir
+
+      def scandir(path="."):
+        if pathlib.Path(path) == folder:
+          raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_scandir(path)
+
+      monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(DatasetNotPreparedError,
+                       match=rf"^Dataset 'tiny_imagenet' in .*: cannot list "
+                       rf"{re.escape(str(folder))} \(Permission denied\); make every folder of "
+                       "the dataset readable") as err:
+      load("tiny_imagenet", "train", data_dir=tmp_path, image_size=8)
+    assert "\n" not in str(err.value)
+  finally:
+    folder.chmod(0o755)
+
+
 def test_image_folder_missing(tmp_path):
   with pytest.raises(DatasetNotPreparedError, match="tiny-imagenet-200.zip") as err:
     load("tiny_imagenet", "train", data_dir=tmp_path)
@@ -155,6 +189,102 @@ def test_prepare_tiny_imagenet_regroups_val(tmp_path):
   prepare.main(["--dataset", "tiny_imagenet", "--data_dir", str(data), "--manual_dir", str(manual)])
   test = load("tiny_imagenet", "test", data_dir=data)
   assert test.images.shape == (3, 64, 64, 3) and sorted(test.labels.tolist()) == [0, 1, 1]
+
+
+def _tiny_imagenet_zip(tmp_path, annotations, extra=()):
+  """manual/tiny-imagenet-200.zip with 2 train classes, val/images/val_0.JPEG, `annotations`
+  as val_annotations.txt and `extra` (member name, bytes) pairs; returns the manual dir."""
+  manual = tmp_path / "manual"
+  manual.mkdir()
+  staging = tmp_path / "staging" / "tiny-imagenet-200"
+  write_folder(staging, "train", ["n01", "n02"], n=1, size=(64, 64))
+  (staging / "val" / "images").mkdir(parents=True)
+  Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(staging / "val" / "images" / "val_0.JPEG",
+                                                        format="PNG")
+  (staging / "val" / "val_annotations.txt").write_text("\n".join(annotations))
+  with zipfile.ZipFile(manual / "tiny-imagenet-200.zip", "w") as zf:
+    for path in staging.rglob("*"):
+      zf.write(path, path.relative_to(staging.parent))
+    for name, data in extra:
+      zf.writestr(name, data)
+  return manual
+
+
+@pytest.mark.parametrize("line,field", [
+    ("val_0.JPEG\t../../../../escaped", "class '../../../../escaped'"),
+    ("../../../../outside.JPEG\tn01", "file name '../../../../outside.JPEG'"),
+    ("val_0.JPEG\tn01/../../../x", "class 'n01/../../../x'"),
+])
+def test_prepare_refuses_annotation_paths_leaving_the_data_dir(tmp_path, line, field):
+  outside = tmp_path / "outside.JPEG"
+  outside.write_bytes(b"not yours")
+  manual = _tiny_imagenet_zip(tmp_path, ["val_0.JPEG\tn02\t0\t0\t63\t63", line + "\t0\t0\t63\t63"])
+  data = tmp_path / "data"
+  with pytest.raises(SystemExit, match=rf"val_annotations.txt:2: {re.escape(field)} is not a "
+                     r"plain name; refusing a path that could leave .*nothing was moved"):
+    prepare.main(["--dataset", "tiny_imagenet", "--data_dir", str(data),
+                  "--manual_dir", str(manual)])
+  assert outside.read_bytes() == b"not yours"
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "manual", "outside.JPEG",
+                                                        "staging"]
+  assert (data / "tiny-imagenet-200" / "val" / "images" / "val_0.JPEG").is_file()
+
+
+@pytest.mark.parametrize("member", ["tiny-imagenet-200/../../evil.txt", "/tmp/evil.txt",
+                                    "tiny-imagenet-200\\..\\..\\evil.txt"])
+def test_prepare_refuses_zip_members_leaving_the_data_dir(tmp_path, member):
+  manual = _tiny_imagenet_zip(tmp_path, ["val_0.JPEG\tn01"], extra=[(member, b"x")])
+  data = tmp_path / "data"
+  with pytest.raises(SystemExit, match=rf"tiny-imagenet-200.zip: member {re.escape(repr(member))} "
+                     r"would be written outside .*nothing was extracted"):
+    prepare.main(["--dataset", "tiny_imagenet", "--data_dir", str(data),
+                  "--manual_dir", str(manual)])
+  assert not (data / "tiny-imagenet-200").exists()
+
+
+def _tar(path, members):
+  import io
+  import tarfile
+  with tarfile.open(path, "w") as tf:
+    for name, kind, target in members:
+      info = tarfile.TarInfo(name)
+      if kind == "file":
+        info.size = len(target)
+        tf.addfile(info, io.BytesIO(target))
+      else:
+        info.type, info.linkname = (tarfile.SYMTYPE if kind == "symlink" else tarfile.LNKTYPE,
+                                    target)
+        tf.addfile(info)
+
+
+@pytest.mark.parametrize("bad,message", [
+    (("../evil.txt", "file", b"x"), "would be written outside"),
+    (("/evil.txt", "file", b"x"), "would be written outside"),
+    (("train/n01/link", "symlink", "/etc"), "is a link to an absolute path"),
+    (("train/n01/up", "symlink", "../../../../.."), "would link to"),
+    (("train/n01/hard", "hardlink", "../../outside"), "would link to"),
+])
+def test_prepare_refuses_tar_members_leaving_the_data_dir(tmp_path, bad, message):
+  manual = tmp_path / "manual"
+  manual.mkdir()
+  _tar(manual / "imagenet12.tar", [("train/n01/a.png", "file", b"x"), bad])
+  data = tmp_path / "data"
+  with pytest.raises(SystemExit, match=rf"imagenet12.tar: member .*{message}.*nothing was "
+                     "extracted"):
+    prepare.main(["--dataset", "imagenet12", "--data_dir", str(data), "--manual_dir", str(manual)])
+  assert not (data / "imagenet12" / "train").exists()
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "manual"]
+
+
+def test_prepare_refusal_is_one_line_without_traceback(tmp_path):
+  manual = _tiny_imagenet_zip(tmp_path, ["val_0.JPEG\t../escaped"])
+  proc = subprocess.run([sys.executable, "-m", "mocosfl_jax.data.prepare", "--dataset",
+                         "tiny_imagenet", "--data_dir", str(tmp_path / "data"), "--manual_dir",
+                         str(manual)], capture_output=True, text=True, timeout=120,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode != 0
+  assert "Traceback" not in proc.stderr and "is not a plain name" in proc.stderr
+  assert len(proc.stderr.strip().splitlines()) <= 2, proc.stderr
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorflow") is not None, reason="TF installed")

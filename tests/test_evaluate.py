@@ -2,7 +2,7 @@
 import json
 
 from mocosfl_jax import evaluate
-from mocosfl_jax.run import train
+from mocosfl_jax.run import checkpoints, train
 
 from core_testlib import load_config
 
@@ -25,7 +25,21 @@ def test_evaluate_cli_on_a_finished_run(tmp_path, capsys):
   assert out["test_knn_accuracy"] == saved["last"]["test_knn_accuracy"]
   for key in ("linear_reference", "linear_clean", "semi10_reference", "semi10_clean"):
     assert set(out[key]) >= {"final", "best", "best_epoch"}
-  capsys.readouterr()
+  assert "evaluated checkpoint step 6 (--checkpoint latest)" in capsys.readouterr().out
+  # A damaged newest step: 'latest' evaluates the newest intact one and says so; asking for the
+  # damaged step by number is a one-line error naming it.
+  steps = checkpoints.complete_steps(tmp_path / "checkpoints")
+  arrays = max((p for p in (tmp_path / "checkpoints" / "6" / "state").rglob("*") if p.is_file()),
+               key=lambda p: p.stat().st_size)
+  arrays.write_bytes(arrays.read_bytes()[:arrays.stat().st_size // 2])
+  assert evaluate.main(["--workdir", str(tmp_path), "--checkpoint", "latest",
+                        "--protocol", "knn"]) == 0
+  assert f"evaluated checkpoint step {steps[-2]} (--checkpoint latest)" in capsys.readouterr().out
+  assert evaluate.main(["--workdir", str(tmp_path), "--checkpoint", "6", "--protocol", "knn"]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: checkpoint step 6 in ")
+  assert "is damaged: 1 of its files differ" in err
+  assert len(err.strip().splitlines()) == 1
 
 
 def test_evaluate_reproduces_the_selected_checkpoint_of_a_run_with_validation(tmp_path, capsys):

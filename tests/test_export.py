@@ -10,6 +10,7 @@ run eagerly, so cuts of one backbone share XLA's per-op compile cache.
 import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
 import types
@@ -371,6 +372,49 @@ def test_load_client_matches_saved_arrays(run_dir):
   chex.assert_trees_all_equal(ck.variables, _client_vars(states[9], "momentum", 0))
 
 
+def _garble_arrays(step_dir):
+  """Overwrites every data file of the step's arrays with random bytes (orbax spreads the arrays
+  over several files under state/**/d/, in no fixed way)."""
+  rng = np.random.default_rng(0)
+  for f in (step_dir / "state").rglob("d/*"):
+    f.write_bytes(rng.integers(0, 256, f.stat().st_size, np.uint8).tobytes())
+
+
+def test_export_skips_a_damaged_latest_step_and_says_which_it_used(run_dir, tmp_path, capsys,
+                                                                   caplog):
+  root, states = run_dir
+  work = tmp_path / "run"
+  shutil.copytree(root / "good", work)
+  _garble_arrays(work / "checkpoints" / "9")
+  rc, stdout, err = _cli(["--workdir", work, "--out", tmp_path / "c.onnx", "--no-verify"], capsys)
+  assert rc == 0, err
+  assert "checkpoint_step: 5" in stdout.splitlines()
+  assert any("step 9" in r.getMessage() and "damaged" in r.getMessage() for r in caplog.records)
+  assert (work / "checkpoints" / "9").is_dir()  # export only reads: nothing moved
+  rc, _, err = _cli(["--workdir", work, "--checkpoint", "9", "--out", tmp_path / "d.onnx"],
+                    capsys)
+  assert rc == 2 and err.startswith("error: checkpoint step 9 in ") and "is damaged" in err
+  assert len(err.strip().splitlines()) == 1 and not (tmp_path / "d.onnx").exists()
+  proc = subprocess.run([sys.executable, "-m", "mocosfl_jax.deploy.to_onnx", "--workdir",
+                         str(work), "--checkpoint", "9", "--out", str(tmp_path / "d.onnx")],
+                        capture_output=True, text=True, timeout=300,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+  assert [l for l in proc.stderr.splitlines() if l.startswith("error: ")] == [err.strip()]
+
+
+def test_load_client_verifies_the_client_arrays_it_reads(run_dir):
+  root, states = run_dir
+  stacked = jax.tree.map(np.array, dict(states[9][0].momentum))  # copies: edited below
+  with checkpoints.Checkpointer(root / "good" / "checkpoints", read_only=True) as c:
+    c.verify(9, stacked, prefix=("clients", "momentum"))  # the names load_client reads match
+    kernel = stacked["params"]["layer0"]["conv"]["kernel"]
+    kernel.reshape(-1)[0] += 1.0
+    with pytest.raises(checkpoints.DamagedCheckpointError,
+                       match=r"step 9 .* e.g. \['clients/momentum/params/layer0/conv/kernel'\]"):
+      c.verify(9, stacked, prefix=("clients", "momentum"))
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--workdir", "{root}/absent"], "workdir .*absent does not exist"),
     (["--workdir", "{root}"], "has no checkpoints/ directory"),
@@ -491,6 +535,56 @@ def test_quantize_reports_activation_error(exported, tmp_path, mode):
   assert meta["quantization"]["mode"] == mode and meta["mean"] == list(MEAN)
   x = run_client.ClientModel(str(out)).prepare(_digits_uint8(16, 4))
   chex.assert_shape(run_client.ClientModel(str(out)).run(x), (4, 4, 8, 8))
+
+
+def test_quantize_refuses_to_overwrite_an_input(exported, tmp_path, capsys):
+  d, _ = exported
+  model = tmp_path / "c.onnx"
+  shutil.copy(d / "c.onnx", model)
+  before = model.read_bytes()
+  os.link(model, tmp_path / "hard.onnx")
+  (tmp_path / "sub").mkdir()
+  calib = tmp_path / "u8.npy"
+  shutil.copy(d / "u8.npy", calib)
+  for out, flag in [(model, "model"), (tmp_path / "sub" / ".." / "c.onnx", "model"),
+                    (tmp_path / "hard.onnx", "model"), (calib, "calib")]:
+    assert quantize.main(["--model", str(model), "--out", str(out), "--calib", str(calib)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --out {out} is the same file as --{flag} ") and \
+        "choose another --out" in err and len(err.strip().splitlines()) == 1, err
+  assert model.read_bytes() == before and calib.read_bytes() == (d / "u8.npy").read_bytes()
+
+
+def test_run_client_rejects_nan_and_inf_inputs(exported, tmp_path, capsys):
+  d, _ = exported
+  x = run_client.ClientModel(str(d / "c.onnx")).prepare(_digits_uint8(16, 2))
+  for value, index in [(np.nan, (1, 2, 3, 4)), (np.inf, (0, 0, 0, 0)), (-np.inf, (1, 0, 5, 5))]:
+    bad = x.copy()
+    bad[index] = value
+    np.save(tmp_path / "bad.npy", bad)
+    assert run_client.main(["--model", str(d / "c.onnx"), "--npy", str(tmp_path / "bad.npy"),
+                            "--out", str(tmp_path / "s.npy")]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: float32 input holds 1 NaN/Inf values (first at index {index}: "
+                   f"{value}); expected finite normalised tensors\n")
+  assert not (tmp_path / "s.npy").exists()
+
+
+def test_deploy_refusals_print_no_traceback(exported, tmp_path):
+  d, _ = exported
+  bad = run_client.ClientModel(str(d / "c.onnx")).prepare(_digits_uint8(16, 1))
+  bad[0, 0, 0, 0] = np.nan
+  np.save(tmp_path / "nan.npy", bad)
+  shutil.copy(d / "c.onnx", tmp_path / "c.onnx")  # the refusal is the new code's; keep d intact
+  root = Path(__file__).resolve().parent.parent
+  for argv in ([str(root / "export" / "quantize.py"), "--model", str(tmp_path / "c.onnx"),
+                "--out", str(tmp_path / "c.onnx")],
+               ["-m", "mocosfl_jax.deploy.run_client", "--model", str(d / "c.onnx"), "--npy",
+                str(tmp_path / "nan.npy")]):
+    proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = [l for l in proc.stderr.strip().splitlines() if l.startswith("error: ")]
+    assert "Traceback" not in proc.stderr and len(lines) == 1, proc.stderr
 
 
 def test_cli_does_not_write_a_model_onnxruntime_cannot_load(tmp_path, capsys):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import pathlib
+import re
 import shutil
 import sys
 import tarfile
@@ -63,18 +64,60 @@ def prepare_tfds(name: str, data_dir: pathlib.Path, manual_dir: pathlib.Path | N
     print(f"{name}/{tfds_split}: {len(src)} examples readable without TensorFlow")
 
 
+def _refuse(archive: pathlib.Path, what: str) -> None:
+  sys.exit(f"{archive}: {what}; refusing the whole archive, nothing was extracted (corrupt or "
+           "crafted archive?)")
+
+
+def _leaves(name: str) -> bool:
+  """Whether an archive member name is absolute or climbs out with '..' (either separator)."""
+  path = pathlib.PurePosixPath(name.replace("\\", "/"))
+  return path.is_absolute() or bool(re.match(r"^[A-Za-z]:", name)) or ".." in path.parts
+
+
 def _safe_extract(archive: pathlib.Path, dest: pathlib.Path) -> None:
+  """Extracts `archive` into `dest` after checking every member lands inside `dest`.
+
+  zip: a member with an absolute path or '..' is refused (ZipFile would silently rewrite it);
+  zipfile writes no links. tar: the same, plus tarfile's 'data' filter (links leaving `dest`,
+  device files, ...) applied to every member before anything is written.
+  """
   dest.mkdir(parents=True, exist_ok=True)
   if archive.suffix == ".zip":
-    with zipfile.ZipFile(archive) as zf:  # ZipFile.extract drops absolute paths and '..'
+    with zipfile.ZipFile(archive) as zf:
+      for name in zf.namelist():
+        if _leaves(name):
+          _refuse(archive, f"member {name!r} would be written outside {dest}")
       zf.extractall(dest)
   else:
     with tarfile.open(archive) as tf:
-      tf.extractall(dest, filter="data")  # rejects links/paths leaving dest
+      for member in tf.getmembers():
+        if _leaves(member.name):
+          _refuse(archive, f"member {member.name!r} would be written outside {dest}")
+        try:
+          tarfile.data_filter(member, str(dest))
+        except tarfile.FilterError as e:  # links leaving dest, absolute links, special files
+          _refuse(archive, f"member {member.name!r}: {e}")
+      tf.extractall(dest, filter="data")
+
+
+def _plain_name(text: str) -> bool:
+  """A single file or folder name: no separator, not '.'/'..', nothing that can leave a folder."""
+  return text not in ("", ".", "..") and not any(c in text for c in "/\\\0")
+
+
+def _inside(root: pathlib.Path, path: pathlib.Path) -> bool:
+  """Whether `path`, symlinks resolved, is `root` or below it."""
+  return path.resolve().is_relative_to(root.resolve())
 
 
 def _regroup_tiny_imagenet_val(root: pathlib.Path) -> None:
-  """val/images/*.JPEG + val_annotations.txt -> val/<wnid>/images/*.JPEG (idempotent)."""
+  """val/images/*.JPEG + val_annotations.txt -> val/<wnid>/images/*.JPEG (idempotent).
+
+  The annotations come from the archive: every line is checked before anything moves, so a
+  file or class name that would reach outside `root` ('../', a separator, a symlink out) is
+  refused with nothing moved.
+  """
   val = root / "val"
   annotations = val / "val_annotations.txt"
   images = val / "images"
@@ -82,15 +125,25 @@ def _regroup_tiny_imagenet_val(root: pathlib.Path) -> None:
     return  # already regrouped
   if not annotations.is_file():
     sys.exit(f"{annotations} is missing; cannot assign val images to classes.")
-  for line in annotations.read_text().splitlines():
+  moves = []
+  for number, line in enumerate(annotations.read_text().splitlines(), 1):
     parts = line.split("\t")
     if len(parts) < 2:
       continue
     filename, wnid = parts[0], parts[1]
-    src = images / filename
+    for field, value in (("file name", filename), ("class", wnid)):
+      if not _plain_name(value):
+        sys.exit(f"{annotations}:{number}: {field} {value!r} is not a plain name; refusing a path "
+                 f"that could leave {root}, nothing was moved (corrupt or crafted archive?)")
+    src, dest = images / filename, val / wnid / "images" / filename
+    if not (_inside(root, src) and _inside(root, dest.parent.parent)):
+      sys.exit(f"{annotations}:{number}: {src} or {dest.parent} resolves outside {root} (a "
+               "symlink?); nothing was moved")
+    moves.append((src, dest))
+  for src, dest in moves:
     if src.is_file():
-      (val / wnid / "images").mkdir(parents=True, exist_ok=True)
-      shutil.move(str(src), str(val / wnid / "images" / filename))
+      dest.parent.mkdir(parents=True, exist_ok=True)
+      shutil.move(str(src), str(dest))
   if not any(images.iterdir()):
     images.rmdir()
 

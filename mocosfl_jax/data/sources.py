@@ -245,6 +245,27 @@ def _class_dirs(split_dir: pathlib.Path) -> list[str]:
   return sorted(p.name for p in split_dir.iterdir() if p.is_dir()) if split_dir.is_dir() else []
 
 
+def _raise(error: OSError):
+  raise error
+
+
+def _image_files(top: pathlib.Path) -> list[pathlib.Path]:
+  """Image files under `top`, recursively, sorted; [] if `top` does not exist.
+
+  Not `Path.rglob`: it silently skips a folder it may not list, and the run would then train on
+  part of the data. Here a folder that cannot be listed raises its OSError.
+  """
+  try:
+    os.stat(top)
+  except FileNotFoundError:
+    return []
+  files = []
+  for folder, _, names in os.walk(top, onerror=_raise):
+    files += [pathlib.Path(folder, n) for n in names
+              if os.path.splitext(n)[1].lower() in _IMAGE_EXTS]
+  return sorted(files)
+
+
 def _read_image(path: pathlib.Path, size: int) -> np.ndarray:
   """Shorter side to `size` (bilinear), centre crop size x size, RGB uint8."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
@@ -261,6 +282,17 @@ def _read_image(path: pathlib.Path, size: int) -> np.ndarray:
 
 
 def _load_folder(name: str, split: str, data_dir, image_size):
+  try:
+    return _load_folder_files(name, split, data_dir, image_size)
+  except OSError as e:  # a folder that cannot be listed (permissions, I/O error)
+    where = e.filename if e.filename is not None else data_dir
+    raise DatasetNotPreparedError(
+        f"Dataset {name!r} in {data_dir}: cannot list {where} ({e.strerror or e}); make every "
+        "folder of the dataset readable (chmod -R a+rX), a folder left out would silently drop "
+        "its images from the run") from e
+
+
+def _load_folder_files(name: str, split: str, data_dir, image_size):
   spec = FOLDER_DATASETS[name]
   root = _folder_root(name, data_dir)
   classes = _class_dirs(root / "train")  # class index mapping always from train/
@@ -273,7 +305,7 @@ def _load_folder(name: str, split: str, data_dir, image_size):
   size = image_size or spec["size"]
   paths, labels = [], []
   for label, cls in enumerate(classes):
-    files = sorted(p for p in (split_dir / cls).rglob("*") if p.suffix.lower() in _IMAGE_EXTS)
+    files = _image_files(split_dir / cls)
     paths += files
     labels += [label] * len(files)
   if not paths:

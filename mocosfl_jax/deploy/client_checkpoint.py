@@ -106,14 +106,26 @@ def load_client(workdir, checkpoint: str | int = "latest", copy: str = "online",
   """Restores `clients/<copy>` of one step and selects a client (or averages all of them).
 
   'average' is the FedAvg of the N client slices (what every client holds right after a sync);
-  an index picks one client's own slice. Raises FileNotFoundError for a missing workdir/step and
-  ValueError for bad options or a checkpoint incompatible with the model in its meta.
+  an index picks one client's own slice. The arrays read are verified against the checksums
+  saved with the step; for 'latest'/'best' a damaged step is skipped with a warning and the next
+  candidate used (`ClientCheckpoint.step` says which). Raises FileNotFoundError for a missing
+  workdir/step, checkpoints.DamagedCheckpointError (a ValueError) for a damaged explicit step or
+  when no step is intact, and ValueError for bad options or a checkpoint incompatible with the
+  model in its meta.
   """
   if copy not in COPIES:
     raise ValueError(f"copy={copy!r} is invalid; valid: {list(COPIES)}")
   ckdir, step = resolve_step(workdir, checkpoint)
-  with _quiet_absl():
-    meta = checkpoints.read_meta(ckdir, step)
+  wanted = checkpoint if checkpoint in CHECKPOINT_ALIASES else step
+  with _quiet_absl(), checkpoints.Checkpointer(ckdir, read_only=True) as ckpt:
+    return ckpt.first_intact(wanted, lambda s: _load_step(ckpt, s, copy, client))
+
+
+def _load_step(ckpt: checkpoints.Checkpointer, step: int, copy: str,
+               client: str | int) -> ClientCheckpoint:
+  """load_client for one step; read errors and checksum mismatches are DamagedCheckpointError."""
+  ckdir = ckpt.directory
+  meta = ckpt.read_meta(step)
   if not isinstance(meta.get("model"), dict):
     raise ValueError(f"checkpoint step {step} in {ckdir}: meta has no 'model' entry "
                      f"(SplitConfig.to_dict()); meta keys: {sorted(meta)}")
@@ -122,7 +134,8 @@ def load_client(workdir, checkpoint: str | int = "latest", copy: str = "online",
   expected = _paths(jax.tree.map(lambda s: tuple(s.shape),
                                  jax.eval_shape(net.init_client, jax.random.key(0))))
   state_dir = ckdir / str(step) / checkpoints.STATE
-  with _quiet_absl():
+  ckpt.check_files(step, (checkpoints.STATE,))
+  with ckpt.reading(step):
     stored_tree = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata.tree
   clients = stored_tree.get("clients") if isinstance(stored_tree, dict) else None
   if not isinstance(clients, dict) or copy not in clients:
@@ -148,10 +161,11 @@ def load_client(workdir, checkpoint: str | int = "latest", copy: str = "online",
                           jax.eval_shape(net.init_client, jax.random.key(0)))
   item = {"clients": {copy: abstract}}
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-  with _quiet_absl():
+  with ckpt.reading(step):
     restored = ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
         item=item, restore_args=restore_args, partial_restore=True))
   stacked = restored["clients"][copy]
+  ckpt.verify(step, stacked, prefix=("clients", copy))
   if client == "average":
     pick = lambda a: np.mean(np.asarray(a, np.float64), axis=0).astype(np.float32)
   else:

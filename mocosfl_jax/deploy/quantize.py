@@ -63,9 +63,31 @@ def activation_error(reference: np.ndarray, approx: np.ndarray) -> dict:
           "float_abs_max": float(np.max(np.abs(f)))}
 
 
+def _same_file(a: str, b: str) -> bool:
+  """Whether two paths name one file: equal once resolved, or samefile (hard links)."""
+  if os.path.realpath(a) == os.path.realpath(b):
+    return True
+  try:
+    return os.path.samefile(a, b)
+  except OSError:  # one of them does not exist
+    return False
+
+
+def check_out_is_not_an_input(out_path: str, inputs: dict) -> None:
+  """ValueError if `out_path` is one of the input files ({flag: path}): writing would replace it."""
+  for flag, path in inputs.items():
+    if path is not None and _same_file(out_path, path):
+      raise ValueError(f"--out {out_path} is the same file as --{flag} {path}; writing the int8 "
+                       f"model there would replace the input: choose another --out")
+
+
 def quantize(model_path: str, out_path: str, calib: str | None, mode: str = "dynamic",
              eval_source: str | None = None) -> dict:
-  """Writes the int8 model to `out_path` and returns the error/size report."""
+  """Writes the int8 model to `out_path` and returns the error/size report.
+
+  Refuses (ValueError) an `out_path` that is the model or a calibration/evaluation file.
+  """
+  check_out_is_not_an_input(out_path, {"model": model_path, "calib": calib, "eval": eval_source})
   if mode not in MODES:
     raise ValueError(f"mode={mode!r} is invalid; valid: {list(MODES)}")
   if mode == "static" and calib is None:

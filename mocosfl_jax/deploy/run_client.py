@@ -11,7 +11,7 @@ the standard library's argparse for that reason, unlike the package's other comm
 Inputs:
 * --images DIR: every .png/.jpg/.jpeg/.bmp/.webp in DIR (sorted), read as RGB uint8;
 * --npy FILE: uint8 images [N,H,W,3] or [H,W,3] (normalised here), or float32 tensors already
-  normalised in the model's layout (passed through).
+  normalised in the model's layout (passed through; NaN or Inf values are rejected).
 uint8 images are normalised with the model's metadata, (x / 255 - mean) / std, as in training,
 and transposed to the model's layout. Wrong sizes are rejected (expected vs got); --resize resizes
 folder images with pillow instead. --bench N times N single-batch runs after a warm-up and reports
@@ -91,6 +91,12 @@ class ClientModel:
     if images.ndim != 4 or images.shape[1:] != self.item_shape:
       raise ValueError(f"float32 input has shape {images.shape}; expected (N, "
                        f"{', '.join(map(str, self.item_shape))}) normalised {self.layout}")
+    finite = np.isfinite(images)
+    if not finite.all():  # the model would pass them on and the server would train on them
+      first = tuple(int(i) for i in np.argwhere(~finite)[0])
+      raise ValueError(f"float32 input holds {int(images.size - finite.sum())} NaN/Inf values "
+                       f"(first at index {first}: {images[first]}); expected finite normalised "
+                       "tensors")
     return images
 
   def run(self, x: np.ndarray) -> np.ndarray:

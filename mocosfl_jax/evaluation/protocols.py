@@ -51,25 +51,35 @@ def restore_for_eval(workdir, checkpoint="best"):
   """(experiment, net, clients, server, step) from a run directory's checkpoint and its meta.
 
   'best' is the checkpoint the run selected on validation kNN; a run without a validation split
-  selected nothing, and 'best' is then its latest checkpoint (as results.json reports).
+  selected nothing, and 'best' is then its latest checkpoint (as results.json reports). `step` is
+  the step actually used: for 'best'/'latest' a damaged step is skipped with a warning
+  (run.checkpoints), so it can differ from the one the alias names.
   """
   ckpt_dir = Path(workdir) / "checkpoints"
   if checkpoints.latest_step(ckpt_dir) is None:
     raise FileNotFoundError(f"no checkpoint under {ckpt_dir}; is --workdir a training run "
                             "directory (python -m mocosfl_jax.main --workdir ...)?")
   step = int(checkpoint) if str(checkpoint).isdigit() else checkpoint
-  with checkpoints.Checkpointer(ckpt_dir, read_only=True) as ckpt:
-    if step == "best" and not selects_on_validation(ckpt.read_meta("latest").get("config", {})):
-      step = "latest"
-    meta = ckpt.read_meta(step)
+
+  def load(ckpt, s):
+    meta = ckpt.read_meta(s)
     if "model" not in meta or "step_config" not in meta or "config" not in meta:
-      raise ValueError(f"checkpoint {step} in {ckpt_dir} has no model/config metadata; it was not "
+      raise ValueError(f"checkpoint {s} in {ckpt_dir} has no model/config metadata; it was not "
                        "written by mocosfl_jax.run.train")
-    exp = experiment_lib.resolve(ml_collections.ConfigDict(meta["config"]))
     net = build(SplitConfig.from_dict(meta["model"]))
     cfg = plan.StepConfig(**meta["step_config"])
     abstract = state_lib.abstract_train_state(net, cfg)
-    restored = ckpt.restore(step, {"clients": abstract.clients, "server": abstract.server})
+    return meta, net, ckpt.restore(s, {"clients": abstract.clients, "server": abstract.server})
+
+  with checkpoints.Checkpointer(ckpt_dir, read_only=True) as ckpt:
+    if step == "best":
+      try:
+        if not selects_on_validation(ckpt.read_meta("latest").get("config", {})):
+          step = "latest"
+      except (ValueError, OSError):   # a damaged latest step: first_intact skips it below
+        pass
+    meta, net, restored = ckpt.first_intact(step, lambda s: load(ckpt, s))
+  exp = experiment_lib.resolve(ml_collections.ConfigDict(meta["config"]))
   return exp, net, restored.state["clients"], restored.state["server"], restored.step
 
 

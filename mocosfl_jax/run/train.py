@@ -316,13 +316,12 @@ def _final_report(exp, monitor, ckpt, state, last_eval: dict, workdir: Path) -> 
   last_step = exp.num_steps
   results = {"last": {"step": last_step, **last_eval}}
   if exp.val is not None:
-    best = ckpt.best_step()
     results["selection"] = (f"best validation kNN (val_fraction={exp.config.val_fraction} of the "
                             "training split held out)")
-    if best is not None and best != last_step:
-      r = ckpt.restore(best, _saved(state))
+    if ckpt.best_step() != last_step:
+      r = ckpt.restore("best", _saved(state))   # past a damaged step to the next best, if any
       test = monitor(r.state["clients"], r.state["server"], ("test",))["test"]
-      results["best"] = {"step": best,
+      results["best"] = {"step": r.step,
                          "val_knn_accuracy": r.meta.get("metrics", {}).get("knn_accuracy"),
                          "test_knn_accuracy": test}
     else:
