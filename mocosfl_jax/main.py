@@ -13,7 +13,7 @@ import os
 from absl import flags
 from ml_collections import config_flags
 
-from mocosfl_jax import cli, quickstart
+from mocosfl_jax import cli, config as config_lib, quickstart
 from mocosfl_jax.data import sources
 from mocosfl_jax.run import workdir_lock
 
@@ -29,8 +29,52 @@ def define_flags(flag_values: flags.FlagValues, argv) -> None:
                       "checkpoints).", flag_values=flag_values)
 
 
+def _root(e: BaseException) -> BaseException:
+  """The first exception of a chain (absl and ml_collections re-raise with the trace as text)."""
+  seen = set()
+  while (e.__cause__ or e.__context__) is not None and id(e) not in seen:
+    seen.add(id(e))
+    e = e.__cause__ or e.__context__
+  return e
+
+
+def explain_config_error(e: BaseException) -> str | None:
+  """One line for a bad --config file, config argument or --config.FIELD override; else None.
+
+  ml_collections loads the config file and applies the overrides while absl parses the command
+  line, and reports a missing field as KeyError/AttributeError, a missing file as OSError and an
+  error inside get_config as a message holding the whole traceback.
+  """
+  root = _root(e)
+  text = str(e)
+  if isinstance(root, (KeyError, AttributeError)):
+    field = str(root.args[0] if root.args else root).strip("'\"")
+    valid = ", ".join(sorted(config_lib.get_config().keys()))
+    return f"config.{field}: unknown config field; valid: {valid}"
+  if isinstance(root, OSError) and "Failed loading config file" in str(root):
+    lines = [line.strip() for line in str(root).splitlines() if line.strip()]
+    tried = [lines[i + 1] for i, line in enumerate(lines[:-1]) if line.startswith("Attempted")]
+    return (f"--config {' or '.join(tried) or '?'}: cannot load the config file "
+            f"({lines[-1]}); pass the path of a config file, e.g. configs/tiny.py")
+  if "Error whilst parsing config file" in text:
+    value = text.split(": Error whilst", 1)[0].replace("flag --config=", "", 1)
+    path, _, arg = value.partition(":")
+    if isinstance(root, TypeError) and "get_config() takes 0 positional" in str(root):
+      return f"--config {value}: {path} takes no config argument; drop ':{arg}'"
+    what = str(root) if isinstance(root, ValueError) else f"{type(root).__name__}: {root}"
+    return f"--config {value}: {what}"
+  return None
+
+
 def train(args) -> int:
   from mocosfl_jax.run import train as train_lib  # pylint: disable=g-import-not-at-top  (--help stays fast)
+  try:
+    args.config.keys()   # a config file that failed to load raises only when first used
+  except OSError as e:
+    raise ValueError(explain_config_error(e) or str(e)) from None
+  if os.path.exists(args.workdir) and not os.path.isdir(args.workdir):
+    raise ValueError(f"--workdir {args.workdir} is a file, not a directory; pass a run "
+                     "directory (a new one starts a run, an existing one resumes it)")
   results = train_lib.train_and_evaluate(args.config, args.workdir)
   print(json.dumps(results, indent=1))
   line = f"final test kNN accuracy: {results['last']['test_knn_accuracy']:.2f}% (last step)"
@@ -47,7 +91,8 @@ def main(argv=None) -> int:
   # (train.NonFiniteLossError is a FloatingPointError). --debug shows their tracebacks.
   return cli.run(define_flags, train, argv,
                  errors=(ValueError, FileNotFoundError, sources.DatasetNotPreparedError,
-                         FloatingPointError, workdir_lock.WorkdirLockedError))
+                         FloatingPointError, workdir_lock.WorkdirLockedError),
+                 explain=explain_config_error)
 
 
 if __name__ == "__main__":
