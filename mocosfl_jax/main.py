@@ -5,10 +5,13 @@ Kept short on purpose (as flax's examples): flags in, `train.train_and_evaluate`
 (mocosfl_jax/quickstart.py), into runs/quickstart. --config takes any config file by path
 (configs/*.py, anything after ':' goes to its get_config), and each --config.FIELD=VALUE
 overrides one field of whichever config is used. A --workdir that holds checkpoints is resumed.
-The flags follow the package's command-line convention (mocosfl_jax/cli.py).
+The flags follow the package's command-line convention (mocosfl_jax/cli.py). A run stopped by
+Ctrl-C (status 130) or by a file it cannot write (a full disk, a read-only directory; status 1)
+ends with one line naming the checkpoint that the same command resumes from.
 """
 import json
 import os
+from pathlib import Path
 
 from absl import flags
 from ml_collections import config_flags
@@ -27,6 +30,34 @@ def define_flags(flag_values: flags.FlagValues, argv) -> None:
                                   lock_config=True, sys_argv=list(argv))
   flags.DEFINE_string("workdir", DEFAULT_WORKDIR, "Run directory (resumes if it holds "
                       "checkpoints).", flag_values=flag_values)
+
+
+INTERRUPTED = 130   # the shell's status for a process stopped by Ctrl-C (128 + SIGINT)
+WRITE_FAILED = 1
+
+
+class RunStoppedError(RuntimeError):
+  """A run stopped by Ctrl-C or by a file it could not write (a full disk, a read-only directory).
+
+  Training leaves nothing a resume trips on (checkpoints and JSON files are written whole or not
+  at all, a cut metrics line is dropped on resume), so the message names the checkpoint the same
+  command resumes from.
+  """
+
+  def __init__(self, message: str, exit_status: int):
+    super().__init__(message)
+    self.exit_status = exit_status
+
+
+def resume_hint(workdir) -> str:
+  """What rerunning the command does: resume from the last intact checkpoint, or start over."""
+  from mocosfl_jax.run import checkpoints  # pylint: disable=g-import-not-at-top  (--help stays fast)
+  ckpt_dir = Path(workdir).expanduser().absolute() / "checkpoints"
+  step = checkpoints.latest_step(ckpt_dir)
+  if step is None:
+    return "no checkpoint was written; the same command starts the run again"
+  return (f"the last intact checkpoint is step {step} in {ckpt_dir}; the same command resumes "
+          "from it")
 
 
 def _root(e: BaseException) -> BaseException:
@@ -75,7 +106,16 @@ def train(args) -> int:
   if os.path.exists(args.workdir) and not os.path.isdir(args.workdir):
     raise ValueError(f"--workdir {args.workdir} is a file, not a directory; pass a run "
                      "directory (a new one starts a run, an existing one resumes it)")
-  results = train_lib.train_and_evaluate(args.config, args.workdir)
+  try:
+    results = train_lib.train_and_evaluate(args.config, args.workdir)
+  except KeyboardInterrupt:
+    raise RunStoppedError(f"interrupted; {resume_hint(args.workdir)}", INTERRUPTED) from None
+  except OSError as e:
+    if isinstance(e, FileNotFoundError):   # missing data or config: reported as it is
+      raise
+    where = e.filename or args.workdir
+    raise RunStoppedError(f"{where}: {e.strerror or e}; {resume_hint(args.workdir)}",
+                          WRITE_FAILED) from None
   print(json.dumps(results, indent=1))
   line = f"final test kNN accuracy: {results['last']['test_knn_accuracy']:.2f}% (last step)"
   if "best" in results:
@@ -88,10 +128,12 @@ def train(args) -> int:
 def main(argv=None) -> int:
   """Runs the command (argv without the program name; None: sys.argv, as a program)."""
   # User errors: bad config values, missing or unprepared data, a busy workdir, a diverged run
-  # (train.NonFiniteLossError is a FloatingPointError). --debug shows their tracebacks.
+  # (train.NonFiniteLossError is a FloatingPointError), a run stopped by Ctrl-C or a failed
+  # write (RunStoppedError, status 130 or 1). --debug shows their tracebacks.
   return cli.run(define_flags, train, argv,
                  errors=(ValueError, FileNotFoundError, sources.DatasetNotPreparedError,
-                         FloatingPointError, workdir_lock.WorkdirLockedError),
+                         FloatingPointError, workdir_lock.WorkdirLockedError,
+                         RunStoppedError),
                  explain=explain_config_error)
 
 

@@ -11,7 +11,10 @@ in-process runner does the same. A few cases run a real process, for the paths t
 program takes (absl's `app.run`, the device script's argparse).
 """
 import dataclasses
+import errno
 import hashlib
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -270,3 +273,96 @@ def test_a_program_refuses_with_one_line(case, places):
                         text=True, env={"PYTHONPATH": PACKAGE_PARENT, "JAX_PLATFORMS": "cpu",
                                         "PATH": "/usr/bin:/bin"}, timeout=300)
   _check(proc.returncode, proc.stderr, case, before, _hashes(*dirs))
+
+
+# ---- A run stopped by Ctrl-C, a full disk or a read-only directory ----------------------------
+
+def _results(workdir):
+  return json.loads((Path(workdir) / "results.json").read_text())
+
+
+def _train(workdir, capsys):
+  return _run_in_process(main, ["--config", str(CONFIG_DIR / "tiny.py"), "--workdir",
+                                str(workdir)], capsys)
+
+
+def _stop_at(monkeypatch, obj, name, after, error):
+  """Makes `obj.name` raise `error` on its call number `after + 1`."""
+  real, calls = getattr(obj, name), []
+
+  def stopping(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == after + 1:
+      raise error
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(obj, name, stopping)
+
+
+def _one_line(err, *needles):
+  """One `error:` line, last on stderr (after the run's progress lines), naming `needles`."""
+  lines = [line for line in err.splitlines() if line.strip()]
+  assert [line for line in lines if line.startswith("error: ")] == lines[-1:], err
+  assert "Traceback" not in err, err
+  for needle in needles:
+    assert needle in lines[-1], err
+
+
+def test_ctrl_c_is_one_line_naming_the_last_checkpoint_and_the_rerun_resumes(
+    places, tmp_path, monkeypatch, capsys):
+  _stop_at(monkeypatch, train, "simulated_step", 4, KeyboardInterrupt())
+  status, err = _train(tmp_path, capsys)
+  assert status == 130
+  _one_line(err, "interrupted", "last intact checkpoint is step 3")
+  monkeypatch.undo()
+  assert _train(tmp_path, capsys)[0] == 0
+  assert _results(tmp_path) == _results(places["run"])
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_the_rerun_resumes(
+    places, tmp_path, monkeypatch, capsys):
+  # The record of step 4 fails (the checkpoint of step 3 is written by then).
+  full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "metrics.jsonl"))
+  _stop_at(monkeypatch, train.metrics.MetricsWriter, "write", 3, full)
+  status, err = _train(tmp_path, capsys)
+  assert status == 1
+  _one_line(err, "metrics.jsonl: No space left on device", "last intact checkpoint is step 3")
+  monkeypatch.undo()
+  assert _train(tmp_path, capsys)[0] == 0
+  assert _results(tmp_path) == _results(places["run"])
+
+
+def test_a_read_only_run_directory_leaves_no_half_written_results(
+    places, tmp_path, monkeypatch, capsys):
+  """results.json cannot be written (chmod does not bite as root: the write is made to fail)."""
+  real_replace = os.replace
+
+  def read_only(src, dst):
+    if Path(dst).name == "results.json":
+      raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(dst))
+    return real_replace(src, dst)
+
+  monkeypatch.setattr(train.metrics.os, "replace", read_only)
+  status, err = _train(tmp_path, capsys)
+  assert status == 1
+  _one_line(err, "results.json: Read-only file system", "last intact checkpoint is step 6")
+  assert sorted(p.name for p in tmp_path.iterdir() if "results" in p.name) == []
+  monkeypatch.undo()
+  assert _train(tmp_path, capsys)[0] == 0
+  assert _results(tmp_path) == _results(places["run"])
+
+
+def test_evaluate_prints_its_results_when_it_cannot_write_them(places, monkeypatch, capsys):
+  def read_only(path, text):
+    raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+  monkeypatch.setattr(evaluate.metrics, "write_text_atomic", read_only)
+  before = _hashes(places["run"])
+  capsys.readouterr()
+  status = evaluate.main(["--workdir", str(places["run"]), "--protocol", "knn"])
+  out, err = capsys.readouterr()
+  assert status == 1
+  _one_line(err, "eval_6.json", "Read-only file system", "printed above")
+  printed = json.loads(out[:out.rindex("}") + 1])
+  assert printed["test_knn_accuracy"] == _results(places["run"])["last"]["test_knn_accuracy"]
+  assert _hashes(places["run"]) == before
