@@ -51,7 +51,7 @@ class RunStoppedError(RuntimeError):
 
 def resume_hint(workdir) -> str:
   """What rerunning the command does: resume from the last intact checkpoint, or start over."""
-  from mocosfl_jax.run import checkpoints  # pylint: disable=g-import-not-at-top  (--help stays fast)
+  from mocosfl_jax.run import checkpoints  # pylint: disable=g-import-not-at-top  (fast --help)
   ckpt_dir = Path(workdir).expanduser().absolute() / "checkpoints"
   step = checkpoints.latest_step(ckpt_dir)
   if step is None:
