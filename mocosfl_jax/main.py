@@ -108,14 +108,14 @@ def train(args) -> int:
                      "directory (a new one starts a run, an existing one resumes it)")
   try:
     results = train_lib.train_and_evaluate(args.config, args.workdir)
-  except KeyboardInterrupt:
-    raise RunStoppedError(f"interrupted; {resume_hint(args.workdir)}", INTERRUPTED) from None
+  except KeyboardInterrupt as e:   # chained: --debug shows where the run stopped
+    raise RunStoppedError(f"interrupted; {resume_hint(args.workdir)}", INTERRUPTED) from e
   except OSError as e:
     if isinstance(e, FileNotFoundError):   # missing data or config: reported as it is
       raise
     where = e.filename or args.workdir
     raise RunStoppedError(f"{where}: {e.strerror or e}; {resume_hint(args.workdir)}",
-                          WRITE_FAILED) from None
+                          WRITE_FAILED) from e
   print(json.dumps(results, indent=1))
   line = f"final test kNN accuracy: {results['last']['test_knn_accuracy']:.2f}% (last step)"
   if "best" in results:

@@ -248,6 +248,19 @@ def test_a_bad_input_is_one_clear_line_and_writes_nothing(case, places, capsys):
   _check(status, err, case, before, _hashes(*dirs))
 
 
+def test_a_refused_config_creates_no_run_directory(places, capsys):
+  workdir = places["tmp"] / "new_run"
+  status, err = _run_in_process(main, ["--config", str(CONFIG_DIR / "tiny.py"), "--workdir",
+                                       str(workdir), "--config.cut=9"], capsys)
+  assert status == 2 and "config.cut=9" in err and not workdir.exists()
+
+
+def test_debug_shows_the_traceback_of_a_refused_command_line(places):
+  with pytest.raises((KeyError, AttributeError)):
+    main.main(["--config", str(CONFIG_DIR / "tiny.py"), "--workdir", str(places["tmp"]),
+               "--config.bogus=1", "--debug"])
+
+
 def test_the_catalogue_covers_every_command():
   counts = {name: sum(c.command == name for c in CASES) for name in COMMANDS}
   assert min(counts.values()) >= 3 and sum(counts.values()) >= 60, counts
