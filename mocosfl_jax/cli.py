@@ -8,8 +8,12 @@ the package uses absl flags, through `run`, and behaves the same way:
   command's flags and `--helpfull` adds absl's own (`--verbosity`, `--log_dir`, `--flagfile`, ...);
 * a bad flag or value, a stray positional argument, or an error the command reports (one of the
   exception types it passes as `errors`) prints one line, `error: <what>`, on stderr and exits
-  with status 2; success exits with 0; `--debug` shows the traceback of a reported error
-  instead (other exceptions are bugs and always show theirs);
+  with status 2 (or the exception's `exit_status`, e.g. 130 for an interrupted run); success
+  exits with 0; `--debug` shows the traceback of a reported error instead (other exceptions are
+  bugs and always show theirs);
+* flags whose parsing runs user code (ml_collections' config files) may raise more than
+  `flags.Error` while the command line is parsed; the command's `explain` turns those it
+  recognises into the one-line message (the rest are bugs and propagate);
 * run as a program, the command goes through `absl.app.run`, which logs at INFO through absl's
   handler. orbax logs every checkpoint file it writes at INFO, so its records below WARNING are
   dropped; everything else the library logs (plan, compilation, resume) stays visible.
@@ -35,6 +39,7 @@ from absl import app, flags
 
 Define = Callable[[flags.FlagValues, Sequence[str]], None]
 Body = Callable[[types.SimpleNamespace], "int | None"]
+Explain = Callable[[BaseException], "str | None"]
 DEFAULT_ERRORS = (ValueError, FileNotFoundError)
 USAGE_ERROR = 2
 
@@ -68,12 +73,26 @@ def _call(body: Body, args, errors, debug: bool = False) -> int:
     if debug:
       raise
     _error(e)
-    return USAGE_ERROR
+    return int(getattr(e, "exit_status", USAGE_ERROR))
   return 0 if status is None else int(status)
 
 
+def _parse(flag_values: flags.FlagValues, argv, names, explain: Explain | None):
+  """(rest of argv, flag namespace), or the one-line message of a bad command line."""
+  try:
+    rest = flag_values(argv)
+    return rest, _namespace(flag_values, names), None
+  except Exception as e:  # pylint: disable=broad-except  (re-raised unless recognised)
+    message = explain(e) if explain is not None else None
+    if message is None and isinstance(e, flags.Error):
+      message = str(e)
+    if message is None or "--debug" in argv:
+      raise
+    return None, None, message
+
+
 def run(define: Define, body: Body, argv: Sequence[str] | None = None, *,
-        errors: tuple = DEFAULT_ERRORS) -> int:
+        errors: tuple = DEFAULT_ERRORS, explain: Explain | None = None) -> int:
   """Parses the command line with absl flags and runs `body`; returns (or exits with) the status.
 
   Args:
@@ -83,20 +102,22 @@ def run(define: Define, body: Body, argv: Sequence[str] | None = None, *,
     argv: the arguments without the program name. None: `sys.argv`, run as a program through
       `absl.app.run` (absl logging set up, never returns). A list: parsed in-process into a fresh
       `FlagValues`; the status is returned.
-    errors: exception types `body` raises for a user error; reported as one `error:` line, status 2.
+    errors: exception types `body` raises for a user error; reported as one `error:` line, status 2
+      (or the exception's `exit_status` attribute).
+    explain: maps an exception raised while the command line is parsed to its one-line message,
+      or None for a bug (which propagates); `flags.Error`s it returns None for keep their own.
   """
   if argv is None:
-    _run_program(define, body, errors)
+    _run_program(define, body, errors, explain)
   argv = [sys.argv[0] if sys.argv and sys.argv[0] else "mocosfl_jax", *map(str, argv)]
   flag_values = flags.FlagValues()
   define(flag_values, argv)
   names = list(flag_values)
   flags.DEFINE_bool("help", False, "Show the command's flags.", flag_values=flag_values)
   _define_debug(flag_values)
-  try:
-    rest = flag_values(argv)
-  except flags.Error as e:
-    _error(e)
+  rest, args, message = _parse(flag_values, argv, names, explain)
+  if message is not None:
+    _error(message)
     return USAGE_ERROR
   if flag_values.help:
     print(flag_values.get_help(include_special_flags=False))
@@ -104,7 +125,7 @@ def run(define: Define, body: Body, argv: Sequence[str] | None = None, *,
   if len(rest) > 1:
     _error(f"unexpected arguments {rest[1:]}; every argument is a --flag")
     return USAGE_ERROR
-  return _call(body, _namespace(flag_values, names), errors, flag_values.debug)
+  return _call(body, args, errors, flag_values.debug)
 
 
 def _define_debug(flag_values: flags.FlagValues) -> None:
@@ -113,8 +134,9 @@ def _define_debug(flag_values: flags.FlagValues) -> None:
                       "one-line message.", flag_values=flag_values)
 
 
-def _run_program(define: Define, body: Body, errors) -> None:
+def _run_program(define: Define, body: Body, errors, explain) -> None:
   names = []
+  parsed = {}
 
   def parse(argv):
     before = set(flags.FLAGS)
@@ -123,17 +145,17 @@ def _run_program(define: Define, body: Body, errors) -> None:
     names.extend(n for n in flags.FLAGS if n not in before)
     for name in names:  # --help lists them also when a wrapper script is the main module
       flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[name])
-    try:
-      return flags.FLAGS(argv)
-    except flags.Error as e:
-      _error(e)
+    rest, parsed["args"], message = _parse(flags.FLAGS, argv, names, explain)
+    if message is not None:
+      _error(message)
       sys.exit(USAGE_ERROR)
+    return rest
 
   def main(rest):
     if len(rest) > 1:
       _error(f"unexpected arguments {rest[1:]}; every argument is a --flag")
       return USAGE_ERROR
-    return _call(body, _namespace(flags.FLAGS, names), errors, flags.FLAGS.debug)
+    return _call(body, parsed["args"], errors, flags.FLAGS.debug)
 
   quiet_orbax()
   app.run(main, flags_parser=parse)

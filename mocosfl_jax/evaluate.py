@@ -4,9 +4,11 @@
         --protocol knn,linear,semi --recipe reference,clean
 
 The command-line front of evaluation/protocols.py (what each protocol computes is described
-there). Results are printed and written to `<workdir>/eval_<step>.json`.
+there). Results are printed and then written to `<workdir>/eval_<step>.json` (whole or not at
+all; when it cannot be written the printed results stay and the status is 1).
 """
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from absl import flags
 from mocosfl_jax import cli
 from mocosfl_jax.evaluation import probes
 from mocosfl_jax.evaluation.protocols import PROTOCOLS, evaluate
+from mocosfl_jax.run import metrics
 
 
 def define_flags(flag_values: flags.FlagValues, argv) -> None:
@@ -44,8 +47,13 @@ def evaluate_command(args) -> int:
   print(f"evaluated checkpoint step {results['step']} (--checkpoint {args.checkpoint})")
   results["seconds"] = time.time() - t0
   out = Path(args.workdir) / f"eval_{results['step']}.json"
-  out.write_text(json.dumps(results, indent=1))
-  print(json.dumps(results, indent=1))
+  print(json.dumps(results, indent=1))   # first: results survive a file that cannot be written
+  try:
+    metrics.write_text_atomic(out, json.dumps(results, indent=1))
+  except OSError as e:
+    print(f"error: cannot write {out}: {e.strerror or e}; the results are printed above",
+          file=sys.stderr)
+    return 1
   print(f"written to {out}")
   return 0
 

@@ -81,6 +81,26 @@ def read_metrics(run_dir) -> list[dict]:
     return _parse_lines(f, path)
 
 
+def write_text_atomic(path, text: str) -> None:
+  """Writes `path` whole or not at all: a temporary file beside it, fsync, then os.replace.
+
+  For the run's JSON files (config.json, results.json, eval_<step>.json): a full disk, a
+  read-only directory or a kill mid-write leaves the previous file (or none), never a cut one,
+  and removes the temporary file when the write fails.
+  """
+  path = Path(path)
+  tmp = path.with_name(f".{path.name}.tmp")
+  try:
+    with tmp.open("w") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    tmp.unlink(missing_ok=True)
+    raise
+
+
 def truncate_metrics(run_dir, step: int | None) -> int:
   """Drops records with step > `step` (all records if `step` is None); returns how many.
 

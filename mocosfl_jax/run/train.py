@@ -164,7 +164,7 @@ def _run(exp, net, workdir: Path, primary: bool) -> dict:
   config, cfg, par = exp.config, exp.step, exp.par
   config_dict = config.to_dict()
   if primary:
-    (workdir / "config.json").write_text(json.dumps(
+    metrics.write_text_atomic(workdir / "config.json", json.dumps(
         {"config": config_dict, "model": exp.model.to_dict(), "step": dataclasses.asdict(cfg),
          "num_steps": exp.num_steps}, indent=1))
     partition_lib.write_partition_summary(
@@ -246,7 +246,7 @@ def _run(exp, net, workdir: Path, primary: bool) -> dict:
                                            tuple(probes_wanted))
   if not primary:
     return results
-  (workdir / "results.json").write_text(json.dumps(results, indent=1))
+  metrics.write_text_atomic(workdir / "results.json", json.dumps(results, indent=1))
   try:
     metrics.plot_metrics(workdir)
   except Exception as e:  # plotting must never lose a finished run

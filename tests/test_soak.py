@@ -1,0 +1,27 @@
+"""A run SIGKILLed inside checkpoint writes, rerun after each kill, ends with the files of a run
+that was never interrupted (the short form of mocosfl_jax/benchmarks/soak.py, which kills ten
+times, also at random training steps)."""
+import random
+import signal
+
+from mocosfl_jax.benchmarks import soak
+
+STEPS = 16   # two kills land in it; fewer steps than the benchmark's run keep the test short
+
+
+def test_kills_inside_checkpoint_writes_leave_the_uninterrupted_runs_files(tmp_path):
+  reference = soak.finish(tmp_path / "uninterrupted", STEPS)
+  assert reference.returncode == 0, reference.stderr[-2000:]
+  workdir = tmp_path / "killed"
+  rng = random.Random(0)
+  log = [soak.kill_once(workdir, kind, rng, STEPS) for kind in ("commit", "write")]
+  # Both were SIGKILLed mid-write: before the rename that publishes the step, and while its
+  # arrays were written; each left its temporary directory behind.
+  assert [r["returncode"] for r in log] == [-signal.SIGKILL] * 2, log
+  assert all(r["left_tmp_dir"] for r in log), log
+  rerun = soak.finish(workdir, STEPS)
+  assert rerun.returncode == 0, rerun.stderr[-2000:]
+  records, results = soak.comparable(workdir)
+  want_records, want_results = soak.comparable(tmp_path / "uninterrupted")
+  assert records == want_records
+  assert results == want_results
