@@ -88,11 +88,16 @@ class MetricWindow:
   measured at syncs only).
 
   The training loop appends each step's metrics without waiting for the step, so dispatch runs
-  ahead of the device; the host reads values only at log steps and before checkpoints.
+  ahead of the device; the host reads values only at log steps and before checkpoints. A
+  checkpoint written inside a window stores the window so far (`snapshot`), and a resume starts
+  from it, so the logged means are those of an uninterrupted run.
   """
 
-  def __init__(self):
+  def __init__(self, snapshot: dict | None = None):
     self._steps, self._values = [], []
+    if snapshot:
+      self._steps = [int(s) for s in snapshot["steps"]]
+      self._values = [dict(v) for v in snapshot["values"]]
 
   def __len__(self):
     return len(self._steps)
@@ -109,12 +114,17 @@ class MetricWindow:
     if bad.size:
       raise NonFiniteLossError(self._steps[bad[0]], float(losses[bad[0]]))
 
+  def snapshot(self) -> dict:
+    """The window so far as plain floats (JSON), after the finiteness check."""
+    self.check_finite()
+    values = [{k: float(x) for k, x in v.items()} for v in jax.device_get(self._values)]
+    return {"steps": list(self._steps), "values": values}
+
   def flush(self) -> dict:
     """Means over the window ({} if empty), which restarts; checks the losses first."""
     if not self._steps:
       return {}
-    self.check_finite()
-    values = jax.device_get(self._values)
+    values = self.snapshot()["values"]        # float64 from here: a resumed window agrees
     self._steps, self._values = [], []
     out = {}
     synced = [v for v in values if v.get("synced", 0) > 0]
@@ -190,11 +200,11 @@ def _run(exp, net, workdir: Path, primary: bool) -> dict:
   selecting = exp.val is not None
   ckpt = checkpoints.Checkpointer(workdir / "checkpoints", keep_latest=config.keep_checkpoints,
                                   keep_best=1 if selecting else 0, best_metric="knn_accuracy")
-  start = 0
+  start, window = 0, None
   if ckpt.latest_step() is not None:
     restored = ckpt.restore("latest", _saved(state))
     state = state.replace(**restored.state)
-    start = restored.step
+    start, window = restored.step, restored.meta.get("metric_window")
     logging.info("resumed from step %d in %s", start, ckpt.directory)
   writer = (metrics.MetricsWriter(workdir, resume_step=start if start else None) if primary
             else metrics.MetricsWriter.null())
@@ -207,20 +217,21 @@ def _run(exp, net, workdir: Path, primary: bool) -> dict:
   monitor = protocols.knn_monitor(exp, net)
   splits = ("val", "test") if selecting else ("test",)
 
-  def save(step, state, metrics=None):
+  def save(step, state, metrics=None, window=None):
+    """Writes a checkpoint; `window`: the metric window in progress, resumed from it."""
     if step not in ckpt.all_steps():
-      ckpt.save(step, _saved(state), meta=meta, metrics=metrics)
+      ckpt.save(step, _saved(state), meta={**meta, "metric_window": window}, metrics=metrics)
 
-  def evaluate_and_save(step, state, always_save=False):
+  def evaluate_and_save(step, state, always_save=False, window=None):
     """kNN on every split; the checkpoint is written when selection needs it (or when due)."""
     t0 = time.time()
     accs = monitor(state.clients, state.server, splits)
     record = {f"{name}_knn_accuracy": acc for name, acc in accs.items()}
     writer.write(step, {**record, "eval_seconds": time.time() - t0})
     if selecting:
-      save(step, state, {"knn_accuracy": accs["val"]})
+      save(step, state, {"knn_accuracy": accs["val"]}, window)
     elif always_save:
-      save(step, state)
+      save(step, state, window=window)
     return record
 
   last_eval = None
@@ -230,7 +241,7 @@ def _run(exp, net, workdir: Path, primary: bool) -> dict:
   # ---- Train loop ----
   try:
     state, loop_eval = _train_loop(exp, net, state, start, images, ckpt, writer,
-                                   keys=(data_key, aug_key, pool_key),
+                                   keys=(data_key, aug_key, pool_key), window=window,
                                    evaluate_and_save=evaluate_and_save, save=save)
     last_eval = loop_eval
     if last_eval is None:  # resumed at the end: the last evaluation is not in memory
@@ -254,13 +265,17 @@ def _run(exp, net, workdir: Path, primary: bool) -> dict:
   return results
 
 
-def _train_loop(exp, net, state, start, images, ckpt, writer, *, keys, evaluate_and_save, save):
-  """Runs steps start..num_steps; returns (state, the last step's evaluation record or None)."""
+def _train_loop(exp, net, state, start, images, ckpt, writer, *, keys, window, evaluate_and_save,
+                save):
+  """Runs steps start..num_steps; returns (state, the last step's evaluation record or None).
+
+  `window`: the metric window the checkpoint at `start` was written in (None: empty).
+  """
   data_key, aug_key, pool_key = keys
   cfg, config = exp.step, exp.config
   table = sampler.ClientTable.from_partition(exp.parts, cfg.batch_size)
   progress = metrics.Progress(exp.num_steps, every=config.log_every_steps)
-  window = MetricWindow()
+  window = MetricWindow(window)
   logging.info("Initial compilation, this might take a few minutes...")
   t_last, s_last = time.time(), start
   pool = None
@@ -269,7 +284,7 @@ def _train_loop(exp, net, state, start, images, ckpt, writer, *, keys, evaluate_
 
   def flush_window(done, keep=False):
     try:
-      return window.check_finite() if keep else window.flush()
+      return window.snapshot() if keep else window.flush()
     except NonFiniteLossError as e:
       bad_step, loss = e.args
       ckpt.wait_until_finished()
@@ -292,8 +307,9 @@ def _train_loop(exp, net, state, start, images, ckpt, writer, *, keys, evaluate_
     last = done == exp.num_steps
     evaluating = done % exp.eval_every == 0 or last
     saving = evaluating or done % config.checkpoint_every_steps == 0
+    in_window = None
     if saving and not (done % config.log_every_steps == 0 or last):
-      flush_window(done, keep=True)        # never checkpoint a non-finite state
+      in_window = flush_window(done, keep=True)   # checked: never checkpoint a non-finite state
     elif done % config.log_every_steps == 0 or last:
       means = flush_window(done)
       rate = (done - s_last) / max(time.time() - t_last, 1e-9)
@@ -303,10 +319,10 @@ def _train_loop(exp, net, state, start, images, ckpt, writer, *, keys, evaluate_
                       acc=means.get("contrastive_acc", 0.0))
     if evaluating:
       record = evaluate_and_save(done, state, always_save=last
-                                 or done % config.checkpoint_every_steps == 0)
+                                 or done % config.checkpoint_every_steps == 0, window=in_window)
       last_eval = record if last else None
     elif saving:
-      save(done, state)
+      save(done, state, window=in_window)
   ckpt.wait_until_finished()
   return state, last_eval
 
