@@ -43,7 +43,9 @@ class SplitConfig:
       MobileNetV2 and VGG take 32 only (as the reference).
     bottleneck: 'None' or the reference's `[K<k>]C<c>S<s>[noRELU]` string.
     head: projection head 'V1', 'smallV2', 'V2' or 'largeV2'.
-    ws: Weight Standardisation in the backbone convs (the stem is always WS, as the reference).
+    ws: Weight Standardisation in the backbone convs (the reference's --disable_WS is False).
+      ResNets keep the stem conv and the Bottleneck shortcut conv WS regardless, MobileNetV2's
+      projection shortcut conv is never WS, as the reference.
     c_residual: keep the skip connections of client-side blocks.
     width: base width of ResNets (64 in the papers; smaller only for tests).
     conv_impl: how convolutions compute, one of conv.CONV_IMPLS ('auto' = Winograd + shifted-view
@@ -137,9 +139,9 @@ def _arch(cfg: SplitConfig) -> _Arch:
   if cfg.arch == "mobilenetv2":
     if spec is not None and not spec.relu:
       spec = dataclasses.replace(spec, relu=True)  # the reference ignores noRELU for MobileNetV2
-    return _Arch(tuple(mobilenetv2.mobilenetv2_layers(cfg.c_residual)), cut,
+    return _Arch(tuple(mobilenetv2.mobilenetv2_layers(cfg.c_residual, cfg.ws)), cut,
                  mobilenetv2.FEATURE_DIM, 1, mobilenetv2.avg_pool_4, spec, 1)
-  return _Arch(tuple(vgg.vgg_layers(cfg.arch)), cut, vgg.FEATURE_DIM, 1,
+  return _Arch(tuple(vgg.vgg_layers(cfg.arch, cfg.ws)), cut, vgg.FEATURE_DIM, 1,
                lambda x: x.reshape(x.shape[0], -1), spec, None)
 
 
