@@ -1,9 +1,9 @@
 """The library's floating-point type: float32, or float64 when JAX's x64 mode is on.
 
 Parameters, queues, learning rates and metrics are created in `float_dtype()` rather than a fixed
-float32, so a run under `jax.experimental.enable_x64()` (or `jax_enable_x64`) is float64 from the
-initial state to the loss. That is what the float64 comparisons against the reference need:
-float32 rounding anywhere would dominate differences that are otherwise ~1e-14.
+float32, so a run under `jax.enable_x64()` (or JAX_ENABLE_X64=1) is float64 from the initial
+state to the loss. That is what float64 comparisons against the reference need: one float32
+rounding anywhere would dominate the float64 rounding of everything else.
 """
 import jax
 import jax.numpy as jnp

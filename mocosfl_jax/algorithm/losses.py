@@ -14,6 +14,7 @@ from typing import Any, Optional, Tuple
 import jax
 import jax.numpy as jnp
 
+from mocosfl_jax import precision
 from mocosfl_jax.algorithm.queue import l2_normalize
 
 PyTree = Any
@@ -70,7 +71,7 @@ def info_nce(q: jax.Array, k: jax.Array, queue: jax.Array, temperature: float):
     l_neg = jnp.einsum('grd,gkd->grk', q.reshape(g, r // g, -1), queue).reshape(r, -1)
   pos, neg = l_pos / temperature, l_neg / temperature
   loss = jnp.mean(nll_of_positive(pos, neg))
-  acc = 100.0 * jnp.mean((pos >= jnp.max(neg, axis=1)).astype(jnp.float32))
+  acc = 100.0 * jnp.mean((pos >= jnp.max(neg, axis=1)).astype(precision.float_dtype()))
   return loss, acc, jnp.mean(l_pos)
 
 

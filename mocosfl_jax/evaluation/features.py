@@ -6,14 +6,14 @@ projection output; the linear and semi-supervised probes use the pooled backbone
 before the head.
 """
 import jax
-import jax.numpy as jnp
 
+from mocosfl_jax import precision
 from mocosfl_jax.data import sources
 from mocosfl_jax.evaluation import knn
 
 
 def _normalise(images, mean, std):
-  return (images.astype(jnp.float32) / 255.0 - mean) / std
+  return (images.astype(precision.float_dtype()) / 255.0 - mean) / std
 
 
 def embed_fn(net, mean, std):

@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mocosfl_jax import precision
 from mocosfl_jax.models import bottleneck as bnl
 from mocosfl_jax.models import conv as C
 from mocosfl_jax.models import heads
@@ -194,7 +195,7 @@ class ServerNet(nn.Module):
 
 @functools.lru_cache(maxsize=None)
 def _raw_smashed_shape(cfg: SplitConfig) -> tuple[int, int, int]:
-  x = jax.ShapeDtypeStruct((1, cfg.input_size, cfg.input_size, 3), jnp.float32)
+  x = jax.ShapeDtypeStruct((1, cfg.input_size, cfg.input_size, 3), precision.float_dtype())
   module = ClientNet(cfg, with_bottleneck=False)
   out = jax.eval_shape(lambda x: module.init_with_output(jax.random.key(0), x)[0], x)
   return tuple(out.shape[1:])
@@ -230,7 +231,7 @@ class SplitNet:
     if arch.bottleneck is None:
       self.smashed_shape = _raw_smashed_shape(cfg)
     else:
-      x = jax.ShapeDtypeStruct((1, *self.input_shape), jnp.float32)
+      x = jax.ShapeDtypeStruct((1, *self.input_shape), precision.float_dtype())
       out = jax.eval_shape(
           lambda x: self.client_module.init_with_output(jax.random.key(0), x)[0], x)
       self.smashed_shape = tuple(out.shape[1:])
@@ -245,11 +246,12 @@ class SplitNet:
     return f"SplitNet({self.config})"
 
   def init_client(self, key: jax.Array) -> Variables:
-    x = jnp.zeros((1, *self.input_shape), jnp.float32)
+    x = jnp.zeros((1, *self.input_shape), precision.float_dtype())
     return _as_variables(self.client_module.init(key, x))
 
   def init_server(self, key: jax.Array) -> Variables:
-    x = jnp.zeros((2, *self.smashed_shape), jnp.float32)  # batch 2: BatchNorm needs >1 row
+    # batch 2: BatchNorm needs >1 row
+    x = jnp.zeros((2, *self.smashed_shape), precision.float_dtype())
     return _as_variables(self.server_module.init(key, x))
 
   def apply_client(self, variables: Variables, x: jax.Array, train: bool = False):
