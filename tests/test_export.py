@@ -124,6 +124,8 @@ EXTRA = [
     ("resnet18", 4, "None", dict(ws=False)),              # plain convs incl. projection shortcut
     ("resnet18", 3, "None", dict(c_residual=False)),      # client blocks without skips
     ("resnet50", 2, "None", dict(ws=False)),              # Bottleneck shortcut stays WS (quirk)
+    ("mobilenetv2", 4, "None", dict(ws=False)),           # plain convs, stem included
+    ("vgg13", 3, "None", dict(ws=False)),                 # plain convs with bias
     ("mobilenetv2", 4, "None", dict(c_residual=False)),   # MobileNetV2 drops every skip + BN
     ("mobilenetv2", 3, "C4S4noRELU", {}),                 # noRELU ignored for MobileNetV2
     ("resnet18", 2, "C4S8noRELU", {}),                    # two extra stride-2 convs, no ReLU

@@ -152,3 +152,56 @@ def test_fused_server_passes_equal_four_passes_and_refuse_batchnorm():
   with pytest.raises(ValueError, match='fuse_passes'):
     losses.server_loss(bn_net, 'original', 0.1, bn_vars, bn_vars, a, a, queue[:, :0], 2,
                        fuse_passes=True)
+
+
+def _dominant_rows(seed, rows=64, dim=64, negatives=64):
+  """Queries near one direction q0, keys at cos 0.55..0.99 to their query, negatives at cos -0.3
+  to q0 (T = 0.1): logits up to ~9.9 against negatives near -3, per-row losses from ~1e-2 down
+  to ~1e-4, where the positive dominates the softmax."""
+  k0, kq, kk, kn = jax.random.split(jax.random.key(seed), 4)
+
+  def orthogonal(key, shape, to):
+    v = jax.random.normal(key, shape)
+    return l2_normalize(v - jnp.sum(v * to, -1, keepdims=True) * to)
+
+  q0 = l2_normalize(jax.random.normal(k0, (dim,)))
+  q = l2_normalize(q0 + 0.02 * jax.random.normal(kq, (rows, dim)))
+  cos = jnp.linspace(0.55, 0.99, rows)[:, None]
+  k = cos * q + jnp.sqrt(1 - cos**2) * orthogonal(kk, (rows, dim), q)
+  queue = -0.3 * q0 + jnp.sqrt(1 - 0.3**2) * orthogonal(kn, (negatives, dim), q0)
+  return q, k, queue
+
+
+def _info_nce_rows_float64(q, k, queue, t):
+  """-log softmax(logits)[0] per row in float64 numpy, from the float32 inputs."""
+  q, k, queue = (np.asarray(a, np.float64) for a in (q, k, queue))
+  logits = np.concatenate([np.sum(q * k, -1, keepdims=True), q @ queue.T], axis=1) / t
+  m = logits.max(axis=1, keepdims=True)
+  return (m[:, 0] + np.log(np.exp(logits - m).sum(axis=1))) - logits[:, 0]
+
+
+def test_info_nce_small_losses_are_accurate_in_float32():
+  """A loss of 1e-4 is a few ulps of logits near 10: logsumexp - positive (or -log_softmax) would
+  round it to ~1e-3 relative; softplus(logsumexp(negatives) - positive) keeps ~1e-6."""
+  q, k, queue = _dominant_rows(0)
+  want_rows = _info_nce_rows_float64(q, k, queue, 0.1)
+  assert want_rows.max() > 1e-2 and want_rows.min() < 2e-4, (want_rows.min(), want_rows.max())
+  worst = 0.0
+  for lo in range(0, 64, 8):   # means over slices of rising dominance (falling loss)
+    loss, _, _ = losses.info_nce(q[lo:lo + 8], k[lo:lo + 8], queue, 0.1)
+    assert loss.dtype == jnp.float32
+    want = want_rows[lo:lo + 8].mean()
+    worst = max(worst, abs(float(loss) - want) / want)
+  assert worst < 3e-6, worst
+
+
+def test_nll_of_positive_equals_cross_entropy_and_its_gradient():
+  logits = jax.random.normal(jax.random.key(3), (5, 7)) * 3
+  labels = jnp.array([0, 3, 6, 2, 2])
+  want = -jax.nn.log_softmax(logits)[jnp.arange(5), labels]
+  np.testing.assert_allclose(losses.cross_entropy(logits, labels), want, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(losses.nll_of_positive(logits[:, 0], logits[:, 1:]),
+                             -jax.nn.log_softmax(logits)[:, 0], rtol=1e-6, atol=1e-6)
+  grad = jax.grad(lambda x: jnp.sum(losses.cross_entropy(x, labels)))(logits)
+  np.testing.assert_allclose(grad, jax.nn.softmax(logits) - jax.nn.one_hot(labels, 7),
+                             rtol=1e-5, atol=1e-6)

@@ -155,6 +155,44 @@ def test_weight_standardisation_matches_reference_formula():
   np.testing.assert_allclose(np.asarray(got).reshape(-1, 7), want, rtol=1e-5, atol=1e-5)
 
 
+def _always_ws(arch, path):
+  """Convs that stay weight-standardised with ws=False (reference): the ResNet stem and the
+  Bottleneck shortcut."""
+  return arch.startswith("resnet") and (path[:2] == ("layer0", "conv")
+                                        or (arch == "resnet50" and "shortcut_conv" in path))
+
+
+def _never_ws(arch, path):
+  """Convs that are plain even with ws=True: MobileNetV2's projection shortcuts."""
+  return arch == "mobilenetv2" and "shortcut_conv" in path
+
+
+@pytest.mark.parametrize("arch,cut", [("resnet_tiny", 4), ("resnet50", 2), ("mobilenetv2", 9),
+                                      ("vgg11", 3)])
+def test_ws_off_makes_exactly_the_reference_convs_plain(arch, cut):
+  """ws=False changes the client output; it equals the ws=True network whose switchable kernels
+  are standardised beforehand, so exactly the reference's set of convs follows `ws`."""
+  small = dict(width=4, input_size=8) if arch == "resnet_tiny" else {}
+  on, off = (build(SplitConfig(arch=arch, cut=cut, ws=ws, conv_impl="lax", **small))
+             for ws in (True, False))
+  v = on.init_client(jax.random.key(0))
+  chex.assert_trees_all_equal_shapes(v, jax.eval_shape(off.init_client, jax.random.key(0)))
+  x = jax.random.normal(jax.random.key(1), (2, *on.input_shape))
+  y_on, y_off = (jax.jit(lambda v, x, net=net: net.apply_client(v, x)[0])(v, x)
+                 for net in (on, off))
+  assert float(jnp.abs(y_on - y_off).max()) > 1e-2 * float(jnp.abs(y_on).max())
+
+  def standardise(path, leaf):
+    path = tuple(getattr(p, "key", None) for p in path)
+    if (path[-1] == "kernel" and leaf.ndim == 4 and not _always_ws(arch, path)
+        and not _never_ws(arch, path)):
+      return L.standardize_kernel(leaf)
+    return leaf
+
+  pre = {**v, "params": jax.tree_util.tree_map_with_path(standardise, v["params"])}
+  np.testing.assert_allclose(off.apply_client(pre, x)[0], y_on, rtol=1e-4, atol=1e-4)
+
+
 def test_rematerialised_weight_standardisation_has_the_same_gradient():
   w = jax.random.normal(jax.random.key(3), (3, 3, 5, 7)) * 3 + 1
   g = jax.random.normal(jax.random.key(4), (3, 3, 5, 7))

@@ -1,4 +1,5 @@
 """Tests for mocosfl_jax.algorithm.optim: PyTorch SGD arithmetic and the EMA."""
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -27,3 +28,16 @@ def test_ema_golden_params_only():
   np.testing.assert_array_equal(out['batch_stats']['m'], [5.0])      # buffers untouched
   bare = optim.ema({'w': jnp.array([1.0])}, {'w': jnp.array([0.0])}, 0.5)
   assert float(bare['w'][0]) == pytest.approx(0.5)
+
+
+def test_sgd_keeps_a_float64_learning_rate():
+  """The learning rate is not rounded to float32 on the way: a float64 run steps with it."""
+  tx = optim.make_sgd(momentum=0.9, weight_decay=0.0)
+  with jax.enable_x64():
+    w = {'w': jnp.array([1.0, -2.0], jnp.float64)}
+    g = {'w': jnp.array([0.5, 0.25], jnp.float64)}
+    lr = jnp.asarray(0.1 + 1e-12, jnp.float64)   # 0.1 + 1e-12 is not a float32
+    w, _ = optim.sgd_update(tx, w, tx.init(w), g, lr)
+  assert w['w'].dtype == jnp.float64
+  want = np.array([1.0, -2.0]) - (0.1 + 1e-12) * np.array([0.5, 0.25])
+  np.testing.assert_array_equal(w['w'], want)

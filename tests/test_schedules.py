@@ -78,3 +78,34 @@ def test_schedules_under_jit():
   s, c = f(jnp.array([0, 10], jnp.int32), jnp.int32(5))
   assert float(s) == pytest.approx(0.25)
   np.testing.assert_allclose(c, [0.2, 0.0], atol=1e-7)
+
+
+# Around the minimum of a 1000-step cosine: 1 + cos(pi t / E) is ~5e-6 at t = E - 1.
+NEAR_MIN = np.array([900, 990, 999, 1001, 1010, 1100, 2999])
+
+
+def _cosine_float64(base, t, period):
+  return base * (1 + np.cos(np.pi * np.asarray(t, np.float64) / period)) / 2
+
+
+def test_cosine_near_the_minimum_float32():
+  """float32: relative error ~1e-7 even where 1 + cos(x) would cancel to ~1e-2."""
+  cfg = _cfg(num_epochs=1000)
+  got = schedules.client_lr(cfg, jnp.asarray(NEAR_MIN, jnp.int32), 0)
+  assert got.dtype == jnp.float32
+  np.testing.assert_allclose(got, _cosine_float64(0.2, NEAR_MIN, 1000), rtol=1e-6, atol=0)
+
+
+def test_schedules_are_float64_under_x64():
+  """With x64 the learning rates are float64 (as PyTorch's Python doubles), accurate near the
+  cosine minimum, and the multistep values are the doubles base * gamma ** n."""
+  cfg = _cfg(num_epochs=1000)
+  with jax.enable_x64():
+    got = schedules.client_lr(cfg, jnp.asarray(NEAR_MIN), 0)
+    server = schedules.server_lr(cfg, jnp.int32(999))
+    multi = schedules.server_lr(_cfg(lr_schedule='multistep'), jnp.int32(9))
+  assert got.dtype == server.dtype == multi.dtype == jnp.float64
+  # numpy's own 1 + cos rounds to ~2e-11 relative at t = E - 1.
+  np.testing.assert_allclose(got, _cosine_float64(0.2, NEAR_MIN, 1000), rtol=1e-10, atol=0)
+  np.testing.assert_allclose(server, _cosine_float64(0.5, 999, 1000), rtol=1e-10, atol=0)
+  assert float(multi) == 0.5 * 0.1 * 0.1

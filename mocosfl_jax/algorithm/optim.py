@@ -27,11 +27,14 @@ def sgd_update(tx: optax.GradientTransformation, params: PyTree, opt_state: PyTr
                grads: PyTree, lr) -> Tuple[PyTree, PyTree]:
   """One SGD step with an externally supplied learning rate (scalar array).
 
+  The learning rate is rounded to each parameter's type only here, so a float64 run steps with
+  its float64 schedule value.
+
   Returns:
     (new_params, new_opt_state).
   """
   direction, opt_state = tx.update(grads, opt_state, params)
-  lr = jnp.asarray(lr, jnp.float32)
+  lr = jnp.asarray(lr)
   params = jax.tree.map(lambda p, d: p - lr.astype(p.dtype) * d, params, direction)
   return params, opt_state
 

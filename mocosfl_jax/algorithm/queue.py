@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from mocosfl_jax import precision
+
 
 def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
   """x / max(||x||, eps), as torch.nn.functional.normalize."""
@@ -24,12 +26,12 @@ def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
 
 def init_queue(key: jax.Array, size: int, dim: int) -> jax.Array:
   """Shared queue [K, D]: N(0, 1) entries, then every key (row) L2-normalised."""
-  return l2_normalize(jax.random.normal(key, (size, dim), jnp.float32))
+  return l2_normalize(jax.random.normal(key, (size, dim), precision.float_dtype()))
 
 
 def init_client_queues(key: jax.Array, num_clients: int, size: int, dim: int) -> jax.Array:
   """Per-client queues [N, K // N, D], normalised per key (as MonAcoSFL's code; MocoSFL's left them raw)."""
-  return l2_normalize(jax.random.normal(key, (num_clients, size, dim), jnp.float32))
+  return l2_normalize(jax.random.normal(key, (num_clients, size, dim), precision.float_dtype()))
 
 
 def enqueue(queue: jax.Array, ptr: jax.Array, keys: jax.Array):

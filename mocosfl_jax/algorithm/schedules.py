@@ -10,11 +10,16 @@ objects:
   reproduces; that is what clients see in the reference when t counts participations.
 * multistep: base * gamma ** #{m in [int(0.6E), int(0.8E)] : m <= t} (bisect_right semantics,
   duplicate milestones decay twice as PyTorch's Counter does).
+
+Both are computed in `precision.float_dtype()` (float64 under JAX's x64 mode, as PyTorch's
+learning rates are Python doubles), in forms whose relative error stays at a few ulps of that
+type everywhere, the cosine minimum included.
 """
 import math
 
 import jax.numpy as jnp
 
+from mocosfl_jax import precision
 from mocosfl_jax.algorithm.plan import StepConfig
 
 SERVER_GAMMA = 0.1
@@ -24,14 +29,21 @@ CLIENT_GAMMA = 0.2
 def cosine(base: float, t, period: int):
   """Chained-cosine LR after t scheduler steps with T_max = period (eta_min = 0).
 
-  Integer counters are first reduced modulo 2 * period (exact, the schedule's period), so the
-  float32 angle stays accurate for the ~1e5 participations of long runs.
+  Computed as base * sin(pi * (period - t) / (2 period))^2, which equals
+  base * (1 + cos(pi * t / period)) / 2 but has no cancellation near the minimum (1 + cos(x) with
+  cos(x) ~ -1 loses all but a few bits there). Integer counters are first reduced modulo
+  2 * period (exact, the schedule's period) and period - t is formed in integers, so the angle
+  stays accurate for the ~1e5 participations of long runs.
   """
+  dtype = precision.float_dtype()
   t = jnp.asarray(t)
   if jnp.issubdtype(t.dtype, jnp.integer):
     t = t % (2 * period)
-  t = t.astype(jnp.float32)
-  return base * 0.5 * (1.0 + jnp.cos(jnp.float32(math.pi) * t / period))
+    s = (period - t).astype(dtype)
+  else:
+    s = period - t.astype(dtype)
+  half_angle = jnp.asarray(math.pi / (2 * period), dtype) * s
+  return jnp.asarray(base, dtype) * jnp.square(jnp.sin(half_angle))
 
 
 def milestones(num_epochs: int) -> tuple:
@@ -40,10 +52,17 @@ def milestones(num_epochs: int) -> tuple:
 
 
 def multistep(base: float, t, marks, gamma: float):
-  """MultiStepLR after t scheduler steps: base * gamma ** (number of milestones <= t)."""
+  """MultiStepLR after t scheduler steps: base * gamma ** (number of milestones <= t).
+
+  The len(marks) + 1 possible values are formed in Python doubles (as PyTorch does) and rounded
+  once to the float type.
+  """
   t = jnp.asarray(t)
   n = sum((t >= m).astype(jnp.int32) for m in marks)
-  return base * jnp.power(jnp.float32(gamma), n.astype(jnp.float32))
+  values = [base]
+  for _ in marks:
+    values.append(values[-1] * gamma)
+  return jnp.asarray(values, precision.float_dtype())[n]
 
 
 def server_lr(cfg: StepConfig, epoch):
@@ -63,7 +82,7 @@ def client_lr(cfg: StepConfig, count, epoch):
     epoch: 0-based epoch, used when cfg.client_schedule == 'per_epoch'.
 
   Returns:
-    float32 array shaped like `count`.
+    float array (precision.float_dtype()) shaped like `count`.
   """
   count = jnp.asarray(count)
   t = count if cfg.client_schedule == 'per_participation' else jnp.broadcast_to(

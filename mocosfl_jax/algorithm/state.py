@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mocosfl_jax import precision
 from mocosfl_jax.algorithm import optim
 from mocosfl_jax.algorithm import queue as queue_lib
 from mocosfl_jax.algorithm.plan import StepConfig
@@ -30,7 +31,7 @@ class ClientState:
     opt_state: per-client SGD state (momentum buffers); kept across FedAvg, as the reference.
     count: int32 participations so far (the reference's per-participation scheduler counter).
     draws: int32 batches drawn so far (the per-client data sampler's position).
-    lr_scale: float32 multiplier of the client learning rate (1: normal, 0: frozen client).
+    lr_scale: float multiplier of the client learning rate (1: normal, 0: frozen client).
   """
   online: PyTree
   momentum: PyTree
@@ -107,7 +108,7 @@ def init_fn(net, cfg: StepConfig, key: jax.Array) -> TrainState:
       opt_state=_stack(tx.init(client_vars['params']), n),
       count=jnp.zeros((n,), jnp.int32),
       draws=jnp.zeros((n,), jnp.int32),
-      lr_scale=jnp.ones((n,), jnp.float32),
+      lr_scale=jnp.ones((n,), precision.float_dtype()),
   )
 
   server_vars = dict(net.init_server(k_server))

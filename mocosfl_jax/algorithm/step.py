@@ -21,6 +21,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from mocosfl_jax import precision
 from mocosfl_jax.algorithm import losses
 from mocosfl_jax.algorithm import parties
 from mocosfl_jax.algorithm import sync as sync_lib
@@ -88,7 +89,8 @@ def train_step(net, cfg: StepConfig, state: TrainState, views_q: jax.Array, view
 
   metrics = dict(loss=loss, contrastive_acc=aux['acc'], pos_logit_mean=aux['pos'],
                  server_lr=server_lr, client_lr=jnp.mean(client_lrs[:p]),
-                 client_lrs=client_lrs[:p], synced=synced.astype(jnp.float32), **divergences)
+                 client_lrs=client_lrs[:p], synced=synced.astype(precision.float_dtype()),
+                 **divergences)
   return state.replace(clients=clients, server=server), metrics
 
 
@@ -115,5 +117,5 @@ def split_train_step(net, cfg: StepConfig, state: TrainState, views_q: jax.Array
   synced = sync_now(cfg, batch_idx, sync)
   clients, divergences = sync_lib.fedavg_if(synced, clients, cfg.momentum_sync)
   metrics = dict(m, client_lr=jnp.mean(client_lrs), client_lrs=client_lrs,
-                 synced=synced.astype(jnp.float32), **divergences)
+                 synced=synced.astype(precision.float_dtype()), **divergences)
   return state.replace(clients=clients, server=server), metrics

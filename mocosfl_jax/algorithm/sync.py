@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from mocosfl_jax import precision
 from mocosfl_jax.algorithm.mapping import AXIS, ClientParallel, reduce_clients
 
 PyTree = Any
@@ -39,7 +40,7 @@ def mean_sq_diff(a: PyTree, b: PyTree) -> jax.Array:
   """Mean squared difference per element over a whole tree (MonAcoSFL's divergence measure)."""
   la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
   if not la:
-    return jnp.zeros((), jnp.float32)
+    return jnp.zeros((), precision.float_dtype())
   total = sum(jnp.sum(jnp.square(x - y)) for x, y in zip(la, lb))
   return total / sum(x.size for x in la)
 
@@ -93,7 +94,7 @@ def _wsum(tree: PyTree, mask: jax.Array) -> PyTree:
   """Mask-weighted sum over the leading (local client) axis of every floating leaf."""
   def f(x):
     if not _is_float(x):
-      return jnp.zeros((), jnp.float32)
+      return jnp.zeros((), precision.float_dtype())
     return jnp.tensordot(mask.astype(x.dtype), x, axes=1)
   return jax.tree.map(f, tree)
 
@@ -112,7 +113,7 @@ def fedavg_masked(par, online_pool: PyTree, momentum_pool: PyTree, mask: Optiona
     (mean online vars, mean momentum vars or None, metrics) without the pool axis.
   """
   if mask is None:
-    mask = jnp.ones((jax.tree.leaves(online_pool)[0].shape[0],), jnp.float32)
+    mask = jnp.ones((jax.tree.leaves(online_pool)[0].shape[0],), precision.float_dtype())
 
   def sums(on, mom, m):
     return dict(n=jnp.sum(m), on=_wsum(on, m), mom=_wsum(mom, m))
@@ -143,7 +144,7 @@ def fedavg_masked(par, online_pool: PyTree, momentum_pool: PyTree, mask: Optiona
     metrics = {k: v / n for k, v in
                reduce_clients(par, divs, online_pool, momentum_pool, mask).items()}
   else:
-    metrics = {k: jnp.zeros((), jnp.float32) for k in DIVERGENCE_KEYS}
+    metrics = {k: jnp.zeros((), precision.float_dtype()) for k in DIVERGENCE_KEYS}
   return avg_on, (avg_mom if sync_momentum else None), metrics
 
 
@@ -163,9 +164,9 @@ def fedavg_if(sync, clients, sync_momentum: bool, mask: Optional[jax.Array] = No
     cl = cl.replace(online=broadcast_clients(avg_on, rows))
     if sync_momentum:
       cl = cl.replace(momentum=broadcast_clients(avg_mom, rows))
-    return cl, {k: v.astype(jnp.float32) for k, v in m.items()}
+    return cl, {k: v.astype(precision.float_dtype()) for k, v in m.items()}
 
   def no_sync(cl):
-    return cl, {k: jnp.zeros((), jnp.float32) for k in DIVERGENCE_KEYS}
+    return cl, {k: jnp.zeros((), precision.float_dtype()) for k in DIVERGENCE_KEYS}
 
   return lax.cond(jnp.asarray(sync, bool), do_sync, no_sync, clients)

@@ -14,10 +14,12 @@ Pipelines (torchvision defaults, view q and view k drawn independently; docs/ref
 
 Deliberate differences from torchvision-on-PIL (all small, none changes the distribution of the
 random parameters):
-* Arithmetic is float32 in [0, 1] throughout; PIL rounds to uint8 after every op (crop-resize, each
-  jitter op, grayscale, blur). PIL's contrast uses the grey mean rounded to an integer and PIL's hue
-  shift works on an 8-bit HSV image (hue quantised to 1/255 steps, shift truncated to int(h*255));
-  ours is the exact formula (the same as torchvision's tensor path).
+* Arithmetic is float32 in [0, 1] throughout, also under JAX's x64 mode (the same random draws,
+  views equal up to float32 rounding; the networks promote them to their parameters' type); PIL
+  rounds to uint8 after every op (crop-resize, each jitter op, grayscale, blur). PIL's contrast
+  uses the grey mean rounded to an integer and PIL's hue shift works on an 8-bit HSV image (hue
+  quantised to 1/255 steps, shift truncated to int(h*255)); ours is the exact formula (the same
+  as torchvision's tensor path).
 * Crop box: the same algorithm (10 attempts, first fitting box, central fallback), but area and
   aspect are computed in float32 (torch: Python doubles), so a box size can differ by 1 px when a
   value sits on a .5 rounding tie. The resize is PIL's bilinear (triangle filter widened when
@@ -104,7 +106,8 @@ def _blur_matrix(size: int, sigma, radius: int):
   taps = jnp.arange(-radius, radius + 1, dtype=jnp.float32)
   weights = jnp.exp(-0.5 * (taps / sigma) ** 2)
   weights = weights / jnp.sum(weights)
-  cum = jnp.concatenate([jnp.zeros(1), jnp.cumsum(weights)])  # cum[k] = sum(weights[:k])
+  # cum[k] = sum(weights[:k])
+  cum = jnp.concatenate([jnp.zeros(1, weights.dtype), jnp.cumsum(weights)])
   out = jnp.arange(size)
   d = out[None, :] - out[:, None]  # column - row
   base = jnp.where(jnp.abs(d) <= radius, weights[jnp.clip(d + radius, 0, 2 * radius)], 0.0)
@@ -204,7 +207,7 @@ def crop_box_from_uniforms(u, height: int, width: int, scale=CROP_SCALE, ratio=C
 def sample_crop_box(key, height: int, width: int, scale=CROP_SCALE, ratio=CROP_RATIO,
                     attempts: int = CROP_ATTEMPTS):
   """Random (i, j, h, w) crop box with torchvision's RandomResizedCrop distribution."""
-  u = jax.random.uniform(key, (2 * attempts + 2,))
+  u = jax.random.uniform(key, (2 * attempts + 2,), jnp.float32)
   return crop_box_from_uniforms(u, height, width, scale, ratio)
 
 
@@ -216,8 +219,8 @@ def jitter_from_uniforms(u, img, strengths=JITTER, channel_axis: int = -1):
   `clip(f * img + (1 - f) * D)` with D = 0, grey mean, grey image), so the hue code is traced once.
   """
   b, c, s, hue = strengths
-  lo = jnp.array([max(0.0, 1 - b), max(0.0, 1 - c), max(0.0, 1 - s), -hue])
-  hi = jnp.array([1 + b, 1 + c, 1 + s, hue])
+  lo = jnp.array([max(0.0, 1 - b), max(0.0, 1 - c), max(0.0, 1 - s), -hue], u.dtype)
+  hi = jnp.array([1 + b, 1 + c, 1 + s, hue], u.dtype)
   factors = lo + (hi - lo) * u[:4]
   order = jnp.argsort(u[4:8])
 
@@ -275,7 +278,7 @@ def augment(key, image, mean, std, pipeline: str = "mocov2", out_size=None,
     if tuple(out_size) != (height, width):
       raise ValueError(f"pipeline='none' does not resize; out_size={out_size} != {(height, width)}")
     return normalise(img, mean, std)
-  u = jax.random.uniform(key, (NUM_UNIFORMS,))
+  u = jax.random.uniform(key, (NUM_UNIFORMS,), jnp.float32)
   box = crop_box_from_uniforms(u[_U_CROP], height, width, scale=tuple(crop_scale))
   img = resized_crop(img, box, tuple(out_size), planar_out=True)  # CHW from here on
   chw = dict(channel_axis=0)

@@ -8,14 +8,14 @@ before the head.
 from typing import Mapping
 
 import jax
-import jax.numpy as jnp
 
+from mocosfl_jax import precision
 from mocosfl_jax.data import sources
 from mocosfl_jax.evaluation import knn
 
 
 def _normalise(images, mean, std):
-  return (images.astype(jnp.float32) / 255.0 - mean) / std
+  return (images.astype(precision.float_dtype()) / 255.0 - mean) / std
 
 
 def embed_fn(net, mean, std):

@@ -9,7 +9,8 @@ function, so memory is O(chunk x bank) and every chunk reuses one compilation.
 
 Deliberate differences from the reference: k is clamped to the bank size (the reference crashes
 when k > N); the similarity matmul uses full f32 precision (GPUs would otherwise use TF32 and could
-reorder near-tied neighbours). Class-score ties go to the lowest class index.
+reorder near-tied neighbours), f64 under JAX's x64 mode. Class-score ties go to the lowest class
+index.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mocosfl_jax import precision
 from mocosfl_jax.algorithm.queue import l2_normalize
 
 DEFAULT_K = 200
@@ -29,20 +31,20 @@ DEFAULT_T = 0.1
 
 @jax.jit
 def _normalize_bank(bank):
-  return l2_normalize(bank.astype(jnp.float32))
+  return l2_normalize(bank.astype(precision.float_dtype()))
 
 
 @functools.partial(jax.jit, static_argnames=("num_classes", "k", "normalize"))
 def _chunk_scores(queries, bank, bank_labels, t, *, num_classes: int, k: int, normalize: bool):
   """Class scores [Q, C] for one chunk of queries against the (already normalised) bank."""
-  q = queries.astype(jnp.float32)
+  q = queries.astype(precision.float_dtype())
   if normalize:
     q = l2_normalize(q)
   sim = jnp.matmul(q, bank.T, precision=jax.lax.Precision.HIGHEST)  # [Q, N]
   top_sim, top_idx = jax.lax.top_k(sim, k)  # [Q, k]
   weights = jnp.exp(top_sim / t)
   labels = bank_labels[top_idx]  # [Q, k]
-  return jnp.einsum("qk,qkc->qc", weights, jax.nn.one_hot(labels, num_classes, dtype=jnp.float32),
+  return jnp.einsum("qk,qkc->qc", weights, jax.nn.one_hot(labels, num_classes, dtype=q.dtype),
                     precision=jax.lax.Precision.HIGHEST)
 
 
@@ -86,10 +88,10 @@ def knn_scores(queries, bank, bank_labels, num_classes: int, *, k: int = DEFAULT
   bank_labels = jnp.asarray(bank_labels).astype(jnp.int32)
   _check_inputs(queries, bank, bank_labels, num_classes, k, t, chunk_size)
   k = min(k, bank.shape[0])
-  bank = _normalize_bank(bank) if normalize else bank.astype(jnp.float32)
+  bank = _normalize_bank(bank) if normalize else bank.astype(precision.float_dtype())
   n = queries.shape[0]
   chunk_size = min(chunk_size, max(n, 1))
-  t = jnp.float32(t)
+  t = jnp.asarray(t, precision.float_dtype())
   out = []
   for start in range(0, n, chunk_size):
     chunk = queries[start:start + chunk_size]
@@ -100,7 +102,7 @@ def knn_scores(queries, bank, bank_labels, num_classes: int, *, k: int = DEFAULT
                            normalize=normalize)
     out.append(scores[:valid])
   if not out:
-    return np.zeros((0, num_classes), np.float32)
+    return np.zeros((0, num_classes), precision.float_dtype())
   return np.asarray(jnp.concatenate(out))
 
 

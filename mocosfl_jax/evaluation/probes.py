@@ -34,6 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mocosfl_jax.algorithm import losses
+
 RECIPES = ("reference", "clean")
 PROBES = ("linear", "semi")
 _BN_EPS = 1e-5
@@ -138,7 +140,7 @@ def _run(key, lr, train_x, train_y, test_x, test_y, *, probe, recipe, epochs, ba
 
   def loss_fn(params, bn_state, x, y, m):
     logits, bn_state = _apply(probe, params, bn_state, x, m, train=True)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+    ce = losses.cross_entropy(logits, y)
     return jnp.sum(ce * m) / jnp.maximum(jnp.sum(m), 1), bn_state
 
   def train_step(carry, inputs):

@@ -9,12 +9,18 @@ weight-standardised convs keep PyTorch's default init (kaiming-uniform a=sqrt(5)
 U(+-1/sqrt(fan_in))), plain convs, transposed convs and linear layers use xavier-uniform weights
 and zero bias. All tensors are NHWC; kernels HWIO. Padding is always explicit and symmetric, as
 in PyTorch (flax's 'SAME' pads stride-2 convs asymmetrically, which would change the numbers).
+
+Parameters and running statistics are created in `precision.float_dtype()` (float64 under JAX's
+x64 mode) and every layer computes in the promoted type of its input and parameters, so float32
+images meet float64 weights without a dtype error and activations are float64 from the first
+layer on.
 """
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from mocosfl_jax import precision
 from mocosfl_jax.models import conv
 
 # PyTorch's default Conv2d init: kaiming_uniform(a=sqrt(5)) == U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
@@ -30,7 +36,8 @@ BN_EPS = 1e-5
 def torch_default_bias_init(fan_in: int):
   bound = 1.0 / jnp.sqrt(fan_in)
 
-  def init(key, shape, dtype=jnp.float32):
+  def init(key, shape, dtype=None):
+    dtype = precision.float_dtype() if dtype is None else dtype
     return jax.random.uniform(key, shape, dtype, -bound, bound)
 
   return init
@@ -84,6 +91,7 @@ class Conv(nn.Module):
     fan_in = shape[0] * shape[1] * shape[2]
     kernel_init = torch_default_kernel_init if self.ws else xavier_uniform
     kernel = self.param("kernel", kernel_init, shape)
+    x, kernel = nn.dtypes.promote_dtype(x, kernel)
     if self.ws:
       kernel = (_standardize_kernel_remat if self.remat_ws else standardize_kernel)(kernel)
     y = conv.conv(x, kernel, self.stride, self.padding, self.groups, impl=self.conv_impl)
@@ -110,6 +118,7 @@ class ConvTranspose(nn.Module):
     k = self.kernel_size
     kernel = self.param("kernel", xavier_uniform, (k, k, x.shape[-1], self.features))
     bias = self.param("bias", nn.initializers.zeros, (self.features,))
+    x, kernel = nn.dtypes.promote_dtype(x, kernel)
     lo = k - 1 - self.padding
     y = lax.conv_general_dilated(
         x, kernel[::-1, ::-1], (1, 1), [(lo, lo + self.output_padding)] * 2,
@@ -132,15 +141,22 @@ class GroupNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    return nn.GroupNorm(num_groups=gn_groups(x.shape[-1]), epsilon=GN_EPS, name="gn")(x)
+    return nn.GroupNorm(num_groups=gn_groups(x.shape[-1]), epsilon=GN_EPS,
+                        param_dtype=precision.float_dtype(), name="gn")(x)
 
 
 class BatchNorm(nn.Module):
-  """BatchNorm with PyTorch defaults (momentum 0.1 -> flax 0.9, eps 1e-5)."""
+  """BatchNorm with PyTorch defaults (momentum 0.1 -> flax 0.9, eps 1e-5).
+
+  Running statistics are kept in the parameters' type (flax would keep them in float32 even
+  when everything else is float64); float32 runs compute exactly as flax's default.
+  """
 
   @nn.compact
   def __call__(self, x, train: bool):
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=BN_EPS, name="bn")(x)
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=BN_EPS,
+                        param_dtype=precision.float_dtype(), force_float32_reductions=False,
+                        name="bn")(x)
 
 
 class Dense(nn.Module):
@@ -150,7 +166,7 @@ class Dense(nn.Module):
   @nn.compact
   def __call__(self, x):
     return nn.Dense(self.features, kernel_init=xavier_uniform, bias_init=nn.initializers.zeros,
-                    name="dense")(x)
+                    param_dtype=precision.float_dtype(), name="dense")(x)
 
 
 def max_pool_2x2(x):

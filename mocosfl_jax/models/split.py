@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mocosfl_jax import precision
 from mocosfl_jax.models import bottleneck as bnl
 from mocosfl_jax.models import conv as C
 from mocosfl_jax.models import heads
@@ -43,7 +44,9 @@ class SplitConfig:
       MobileNetV2 and VGG take 32 only (as the reference).
     bottleneck: 'None' or the reference's `[K<k>]C<c>S<s>[noRELU]` string.
     head: projection head 'V1', 'smallV2', 'V2' or 'largeV2'.
-    ws: Weight Standardisation in the backbone convs (the stem is always WS, as the reference).
+    ws: Weight Standardisation in the backbone convs (the reference's --disable_WS is False).
+      ResNets keep the stem conv and the Bottleneck shortcut conv WS regardless, MobileNetV2's
+      projection shortcut conv is never WS, as the reference.
     c_residual: keep the skip connections of client-side blocks.
     width: base width of ResNets (64 in the papers; smaller only for tests).
     conv_impl: how convolutions compute, one of conv.CONV_IMPLS ('auto' = Winograd + shifted-view
@@ -137,9 +140,9 @@ def _arch(cfg: SplitConfig) -> _Arch:
   if cfg.arch == "mobilenetv2":
     if spec is not None and not spec.relu:
       spec = dataclasses.replace(spec, relu=True)  # the reference ignores noRELU for MobileNetV2
-    return _Arch(tuple(mobilenetv2.mobilenetv2_layers(cfg.c_residual)), cut,
+    return _Arch(tuple(mobilenetv2.mobilenetv2_layers(cfg.c_residual, cfg.ws)), cut,
                  mobilenetv2.FEATURE_DIM, 1, mobilenetv2.avg_pool_4, spec, 1)
-  return _Arch(tuple(vgg.vgg_layers(cfg.arch)), cut, vgg.FEATURE_DIM, 1,
+  return _Arch(tuple(vgg.vgg_layers(cfg.arch, cfg.ws)), cut, vgg.FEATURE_DIM, 1,
                lambda x: x.reshape(x.shape[0], -1), spec, None)
 
 
@@ -192,7 +195,7 @@ class ServerNet(nn.Module):
 
 @functools.lru_cache(maxsize=None)
 def _raw_smashed_shape(cfg: SplitConfig) -> tuple[int, int, int]:
-  x = jax.ShapeDtypeStruct((1, cfg.input_size, cfg.input_size, 3), jnp.float32)
+  x = jax.ShapeDtypeStruct((1, cfg.input_size, cfg.input_size, 3), precision.float_dtype())
   module = ClientNet(cfg, with_bottleneck=False)
   out = jax.eval_shape(lambda x: module.init_with_output(jax.random.key(0), x)[0], x)
   return tuple(out.shape[1:])
@@ -228,7 +231,7 @@ class SplitNet:
     if arch.bottleneck is None:
       self.smashed_shape = _raw_smashed_shape(cfg)
     else:
-      x = jax.ShapeDtypeStruct((1, *self.input_shape), jnp.float32)
+      x = jax.ShapeDtypeStruct((1, *self.input_shape), precision.float_dtype())
       out = jax.eval_shape(
           lambda x: self.client_module.init_with_output(jax.random.key(0), x)[0], x)
       self.smashed_shape = tuple(out.shape[1:])
@@ -243,11 +246,12 @@ class SplitNet:
     return f"SplitNet({self.config})"
 
   def init_client(self, key: jax.Array) -> Variables:
-    x = jnp.zeros((1, *self.input_shape), jnp.float32)
+    x = jnp.zeros((1, *self.input_shape), precision.float_dtype())
     return _as_variables(self.client_module.init(key, x))
 
   def init_server(self, key: jax.Array) -> Variables:
-    x = jnp.zeros((2, *self.smashed_shape), jnp.float32)  # batch 2: BatchNorm needs >1 row
+    # batch 2: BatchNorm needs >1 row
+    x = jnp.zeros((2, *self.smashed_shape), precision.float_dtype())
     return _as_variables(self.server_module.init(key, x))
 
   def apply_client(self, variables: Variables, x: jax.Array, train: bool = False):
