@@ -69,6 +69,10 @@ def test_missing_dataset_names_the_command(tmp_path):
   assert isinstance(err.value, RuntimeError)
   assert f"python -m mocosfl_jax.data.prepare --dataset cifar10 --data_dir {tmp_path}" in msg
   assert "cifar-10-binary.tar.gz (170,052,171 bytes)" in msg
+  # Two lines: what is wrong and what to do, then the command alone (to copy).
+  first, command = msg.split("\n")
+  assert first.startswith("Dataset 'cifar10' is not usable") and "pip install .[prepare]" in first
+  assert command.strip().startswith("python -m mocosfl_jax.data.prepare --dataset cifar10")
 
 
 def test_tfrecord_prepared_dataset_is_explained(tmp_path):
