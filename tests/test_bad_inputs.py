@@ -427,6 +427,9 @@ PROGRAM_CASES = [
                         "{tmp}/x.npy"), "no_such.onnx"),
     Case("to_onnx", (str(Path(PACKAGE_PARENT) / "export" / "to_onnx.py"), "--workdir", "{run}",
                      "--out", "{run}/x.onnx", "--client", "9"), "client"),
+    # A read-only checkpoint reader as a program: orbax's 'read only' warning is not shown.
+    Case("evaluate", ("-m", "mocosfl_jax.evaluate", "--workdir", "{run}", "--checkpoint", "99"),
+         "99"),
     # argparse's refusal as the device sees it, and a file that is not a model.
     Case("run_client", (str(Path(run_client.__file__)), "--npy", "{tmp}/x.npy"), "--model"),
     Case("run_client", (str(Path(run_client.__file__)), "--model", "{tmp}/x.npy", "--npy",
