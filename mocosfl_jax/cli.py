@@ -16,7 +16,9 @@ the package uses absl flags, through `run`, and behaves the same way:
   recognises into the one-line message (the rest are bugs and propagate);
 * run as a program, the command goes through `absl.app.run`, which logs at INFO through absl's
   handler. orbax logs every checkpoint file it writes at INFO, so its records below WARNING are
-  dropped; everything else the library logs (plan, compilation, resume) stays visible.
+  dropped, and so is its warning that a directory is read only (evaluate and to_onnx open the
+  checkpoints read-only on purpose); everything else the library logs (plan, compilation,
+  resume) stays visible.
 
 A command module provides `define_flags(flag_values, argv)` and a body `fn(args) -> int | None`,
 and its `main(argv=None)` returns `run(define_flags, fn, argv)`. `args` holds the value of every
@@ -45,10 +47,14 @@ USAGE_ERROR = 2
 
 
 class _DropOrbaxInfo(logging.Filter):
-  """Drops orbax's INFO/DEBUG records (orbax logs through absl's logger, one line per file)."""
+  """Drops orbax's INFO/DEBUG records (orbax logs through absl's logger, one line per file) and
+  its 'read only' warning for a checkpoint directory opened read-only on purpose."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return record.levelno >= logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
+    if f"{os.sep}orbax{os.sep}" not in record.pathname:
+      return True
+    return (record.levelno >= logging.WARNING
+            and not record.getMessage().startswith("Given directory is read only"))
 
 
 def quiet_orbax() -> None:

@@ -181,9 +181,9 @@ def _parse_cuts(text: str | None):
     return None
   cuts = []
   for part in text.split(","):
-    lo, _, hi = part.strip().partition("-")
-    try:
-      span = range(int(lo), int(hi or lo) + 1)
+    lo, dash, hi = part.strip().partition("-")
+    try:  # '3-' (no high end) is refused, not read as '3'
+      span = range(int(lo), int(hi if dash else lo) + 1)
     except ValueError:
       raise ValueError(f"--cuts {text!r}: {part!r} is not a cut or a range; expected e.g. '1-9' "
                        "or '1,2,5'") from None

@@ -69,6 +69,10 @@ def test_missing_dataset_names_the_command(tmp_path):
   assert isinstance(err.value, RuntimeError)
   assert f"python -m mocosfl_jax.data.prepare --dataset cifar10 --data_dir {tmp_path}" in msg
   assert "cifar-10-binary.tar.gz (170,052,171 bytes)" in msg
+  # Two lines: what is wrong and what to do, then the command alone (to copy).
+  first, command = msg.split("\n")
+  assert first.startswith("Dataset 'cifar10' is not usable") and "pip install .[prepare]" in first
+  assert command.strip().startswith("python -m mocosfl_jax.data.prepare --dataset cifar10")
 
 
 def test_tfrecord_prepared_dataset_is_explained(tmp_path):
@@ -191,6 +195,15 @@ def test_prepare_tiny_imagenet_regroups_val(tmp_path):
   assert test.images.shape == (3, 64, 64, 3) and sorted(test.labels.tolist()) == [0, 1, 1]
 
 
+def _prepare_refuses(capsys, argv, pattern):
+  """prepare.main(argv) refuses: status 2 and one `error:` line matching `pattern`."""
+  capsys.readouterr()
+  assert prepare.main(argv) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+  assert re.search(pattern, err), err
+
+
 def _tiny_imagenet_zip(tmp_path, annotations, extra=()):
   """manual/tiny-imagenet-200.zip with 2 train classes, val/images/val_0.JPEG, `annotations`
   as val_annotations.txt and `extra` (member name, bytes) pairs; returns the manual dir."""
@@ -215,15 +228,15 @@ def _tiny_imagenet_zip(tmp_path, annotations, extra=()):
     ("../../../../outside.JPEG\tn01", "file name '../../../../outside.JPEG'"),
     ("val_0.JPEG\tn01/../../../x", "class 'n01/../../../x'"),
 ])
-def test_prepare_refuses_annotation_paths_leaving_the_data_dir(tmp_path, line, field):
+def test_prepare_refuses_annotation_paths_leaving_the_data_dir(tmp_path, line, field, capsys):
   outside = tmp_path / "outside.JPEG"
   outside.write_bytes(b"not yours")
   manual = _tiny_imagenet_zip(tmp_path, ["val_0.JPEG\tn02\t0\t0\t63\t63", line + "\t0\t0\t63\t63"])
   data = tmp_path / "data"
-  with pytest.raises(SystemExit, match=rf"val_annotations.txt:2: {re.escape(field)} is not a "
-                     r"plain name; refusing a path that could leave .*nothing was moved"):
-    prepare.main(["--dataset", "tiny_imagenet", "--data_dir", str(data),
-                  "--manual_dir", str(manual)])
+  _prepare_refuses(capsys, ["--dataset", "tiny_imagenet", "--data_dir", str(data),
+                            "--manual_dir", str(manual)],
+                   rf"val_annotations.txt:2: {re.escape(field)} is not a plain name; refusing a "
+                   r"path that could leave .*nothing was moved")
   assert outside.read_bytes() == b"not yours"
   assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "manual", "outside.JPEG",
                                                         "staging"]
@@ -232,13 +245,13 @@ def test_prepare_refuses_annotation_paths_leaving_the_data_dir(tmp_path, line, f
 
 @pytest.mark.parametrize("member", ["tiny-imagenet-200/../../evil.txt", "/tmp/evil.txt",
                                     "tiny-imagenet-200\\..\\..\\evil.txt"])
-def test_prepare_refuses_zip_members_leaving_the_data_dir(tmp_path, member):
+def test_prepare_refuses_zip_members_leaving_the_data_dir(tmp_path, member, capsys):
   manual = _tiny_imagenet_zip(tmp_path, ["val_0.JPEG\tn01"], extra=[(member, b"x")])
   data = tmp_path / "data"
-  with pytest.raises(SystemExit, match=rf"tiny-imagenet-200.zip: member {re.escape(repr(member))} "
-                     r"would be written outside .*nothing was extracted"):
-    prepare.main(["--dataset", "tiny_imagenet", "--data_dir", str(data),
-                  "--manual_dir", str(manual)])
+  _prepare_refuses(capsys, ["--dataset", "tiny_imagenet", "--data_dir", str(data),
+                            "--manual_dir", str(manual)],
+                   rf"tiny-imagenet-200.zip: member {re.escape(repr(member))} would be written "
+                   r"outside .*nothing was extracted")
   assert not (data / "tiny-imagenet-200").exists()
 
 
@@ -264,14 +277,14 @@ def _tar(path, members):
     (("train/n01/up", "symlink", "../../../../.."), "would link to"),
     (("train/n01/hard", "hardlink", "../../outside"), "would link to"),
 ])
-def test_prepare_refuses_tar_members_leaving_the_data_dir(tmp_path, bad, message):
+def test_prepare_refuses_tar_members_leaving_the_data_dir(tmp_path, bad, message, capsys):
   manual = tmp_path / "manual"
   manual.mkdir()
   _tar(manual / "imagenet12.tar", [("train/n01/a.png", "file", b"x"), bad])
   data = tmp_path / "data"
-  with pytest.raises(SystemExit, match=rf"imagenet12.tar: member .*{message}.*nothing was "
-                     "extracted"):
-    prepare.main(["--dataset", "imagenet12", "--data_dir", str(data), "--manual_dir", str(manual)])
+  _prepare_refuses(capsys, ["--dataset", "imagenet12", "--data_dir", str(data),
+                            "--manual_dir", str(manual)],
+                   rf"imagenet12.tar: member .*{message}.*nothing was extracted")
   assert not (data / "imagenet12" / "train").exists()
   assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "manual"]
 
@@ -282,15 +295,15 @@ def test_prepare_refusal_is_one_line_without_traceback(tmp_path):
                          "tiny_imagenet", "--data_dir", str(tmp_path / "data"), "--manual_dir",
                          str(manual)], capture_output=True, text=True, timeout=120,
                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
-  assert proc.returncode != 0
+  assert proc.returncode == 2, proc.stderr   # as the package's other commands (cli.py)
   assert "Traceback" not in proc.stderr and "is not a plain name" in proc.stderr
-  assert len(proc.stderr.strip().splitlines()) <= 2, proc.stderr
+  assert proc.stderr.startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorflow") is not None, reason="TF installed")
-def test_prepare_without_tensorflow_names_the_extra(tmp_path):
-  with pytest.raises(SystemExit, match=re.escape("pip install .[prepare]")):
-    prepare.main(["--dataset", "cifar10", "--data_dir", str(tmp_path)])
+def test_prepare_without_tensorflow_names_the_extra(tmp_path, capsys):
+  _prepare_refuses(capsys, ["--dataset", "cifar10", "--data_dir", str(tmp_path)],
+                   re.escape("pip install .[prepare]"))
 
 
 def test_runtime_modules_never_import_tensorflow():

@@ -11,6 +11,10 @@ Image-folder datasets need no TensorFlow: tiny_imagenet is extracted from `tiny-
 its val/ images are regrouped into class folders (val_annotations.txt), which is the layout the
 reference's ImageFolder loader assumed; imagenet12 is extracted from an archive (or already in place)
 and its layout checked.
+
+A problem the user must fix (a missing or incomplete archive, a crafted archive or annotation
+file, a missing extra) is a `PrepareError`: the command prints it as one `error:` line and exits
+with status 2, as the package's other commands do (mocosfl_jax/cli.py).
 """
 from __future__ import annotations
 
@@ -18,7 +22,6 @@ import importlib.util
 import pathlib
 import re
 import shutil
-import sys
 import tarfile
 import zipfile
 
@@ -27,24 +30,31 @@ from absl import flags
 from mocosfl_jax import cli
 from mocosfl_jax.data import sources
 
-PREPARE_EXTRA = "pip install .[prepare]   (or: pip install tensorflow-cpu)"
+PREPARE_EXTRA = "pip install .[prepare] (or: pip install tensorflow-cpu)"
+
+
+class PrepareError(Exception):
+  """A problem the user must fix before the dataset can be prepared; the message says how."""
 
 
 def _require_tensorflow() -> None:
   if importlib.util.find_spec("tensorflow") is None:
-    sys.exit("Preparing tfds datasets needs TensorFlow, which is not installed (the training runtime "
-             f"never needs it). Install the optional extra:\n  {PREPARE_EXTRA}")
+    raise PrepareError("preparing tfds datasets needs TensorFlow, which is not installed (the "
+                       f"training runtime never needs it); install the optional extra: "
+                       f"{PREPARE_EXTRA}")
   if importlib.util.find_spec("importlib_resources") is None:  # tfds builders need it
-    sys.exit("download_and_prepare needs importlib_resources: pip install importlib_resources")
+    raise PrepareError("preparing tfds datasets needs importlib_resources: "
+                       "pip install importlib_resources")
 
 
 def _check_manual_dir(name: str, manual_dir: pathlib.Path) -> None:
   for filename, size in sources.TFDS_DATASETS[name].archives:
     path = manual_dir / filename
     if not path.is_file():
-      sys.exit(f"{path} is missing: place {filename} ({size:,} bytes) in {manual_dir}.")
+      raise PrepareError(f"{path} is missing: place {filename} ({size:,} bytes) in {manual_dir}")
     if path.stat().st_size != size:
-      sys.exit(f"{path} has {path.stat().st_size:,} bytes, expected {size:,} (incomplete download?).")
+      raise PrepareError(f"{path} has {path.stat().st_size:,} bytes, expected {size:,} "
+                         "(incomplete download?)")
 
 
 def prepare_tfds(name: str, data_dir: pathlib.Path, manual_dir: pathlib.Path | None) -> None:
@@ -65,8 +75,8 @@ def prepare_tfds(name: str, data_dir: pathlib.Path, manual_dir: pathlib.Path | N
 
 
 def _refuse(archive: pathlib.Path, what: str) -> None:
-  sys.exit(f"{archive}: {what}; refusing the whole archive, nothing was extracted (corrupt or "
-           "crafted archive?)")
+  raise PrepareError(f"{archive}: {what}; refusing the whole archive, nothing was extracted "
+                     "(corrupt or crafted archive?)")
 
 
 def _leaves(name: str) -> bool:
@@ -82,15 +92,20 @@ def _safe_extract(archive: pathlib.Path, dest: pathlib.Path) -> None:
   zipfile writes no links. tar: the same, plus tarfile's 'data' filter (links leaving `dest`,
   device files, ...) applied to every member before anything is written.
   """
+  try:  # a truncated or mislabelled download fails here, before anything is written
+    opened = zipfile.ZipFile(archive) if archive.suffix == ".zip" else tarfile.open(archive)
+  except (zipfile.BadZipFile, tarfile.TarError, EOFError) as e:
+    raise PrepareError(f"{archive}: not a readable {'zip' if archive.suffix == '.zip' else 'tar'} "
+                       f"archive ({e}); nothing was extracted (incomplete download?)") from e
   dest.mkdir(parents=True, exist_ok=True)
   if archive.suffix == ".zip":
-    with zipfile.ZipFile(archive) as zf:
+    with opened as zf:
       for name in zf.namelist():
         if _leaves(name):
           _refuse(archive, f"member {name!r} would be written outside {dest}")
       zf.extractall(dest)
   else:
-    with tarfile.open(archive) as tf:
+    with opened as tf:
       for member in tf.getmembers():
         if _leaves(member.name):
           _refuse(archive, f"member {member.name!r} would be written outside {dest}")
@@ -124,7 +139,7 @@ def _regroup_tiny_imagenet_val(root: pathlib.Path) -> None:
   if not images.is_dir():
     return  # already regrouped
   if not annotations.is_file():
-    sys.exit(f"{annotations} is missing; cannot assign val images to classes.")
+    raise PrepareError(f"{annotations} is missing; cannot assign val images to classes")
   moves = []
   for number, line in enumerate(annotations.read_text().splitlines(), 1):
     parts = line.split("\t")
@@ -133,12 +148,13 @@ def _regroup_tiny_imagenet_val(root: pathlib.Path) -> None:
     filename, wnid = parts[0], parts[1]
     for field, value in (("file name", filename), ("class", wnid)):
       if not _plain_name(value):
-        sys.exit(f"{annotations}:{number}: {field} {value!r} is not a plain name; refusing a path "
-                 f"that could leave {root}, nothing was moved (corrupt or crafted archive?)")
+        raise PrepareError(f"{annotations}:{number}: {field} {value!r} is not a plain name; "
+                           f"refusing a path that could leave {root}, nothing was moved (corrupt "
+                           "or crafted archive?)")
     src, dest = images / filename, val / wnid / "images" / filename
     if not (_inside(root, src) and _inside(root, dest.parent.parent)):
-      sys.exit(f"{annotations}:{number}: {src} or {dest.parent} resolves outside {root} (a "
-               "symlink?); nothing was moved")
+      raise PrepareError(f"{annotations}:{number}: {src} or {dest.parent} resolves outside "
+                         f"{root} (a symlink?); nothing was moved")
     moves.append((src, dest))
   for src, dest in moves:
     if src.is_file():
@@ -153,13 +169,15 @@ def prepare_folder(name: str, data_dir: pathlib.Path, manual_dir: pathlib.Path |
   root = data_dir / spec["folder"]
   if not (root / "train").is_dir():
     if manual_dir is None:
-      sys.exit(f"{root}/train not found and no --manual_dir given. "
-               f"Place {spec['archive'][0]} in MANUAL_DIR and rerun with --manual_dir MANUAL_DIR.")
+      raise PrepareError(f"{root}/train not found and no --manual_dir given: place "
+                         f"{spec['archive'][0]} in MANUAL_DIR and rerun with --manual_dir "
+                         "MANUAL_DIR")
     candidates = sorted(p for p in manual_dir.iterdir()
                         if p.name.endswith((".zip", ".tar", ".tar.gz", ".tgz")))
     preferred = [p for p in candidates if p.name.startswith(spec["folder"])]
     if not candidates:
-      sys.exit(f"no archive (.zip/.tar/.tar.gz) in {manual_dir}; expected {spec['archive'][0]}.")
+      raise PrepareError(f"no archive (.zip/.tar/.tar.gz) in {manual_dir}; expected "
+                         f"{spec['archive'][0]}")
     archive = (preferred or candidates)[0]
     print(f"extracting {archive} ...")
     if name == "tiny_imagenet":
@@ -176,7 +194,8 @@ def prepare_folder(name: str, data_dir: pathlib.Path, manual_dir: pathlib.Path |
   for split, folder in sources.FOLDER_SPLITS.items():
     classes = sources._class_dirs(root / folder)  # pylint: disable=protected-access
     if not classes:
-      sys.exit(f"{root / folder} has no class subfolders; expected {folder}/<class>/*.JPEG.")
+      raise PrepareError(f"{root / folder} has no class subfolders; expected "
+                         f"{folder}/<class>/*.JPEG")
     print(f"{name}/{split}: {len(classes)} classes in {root / folder}")
 
 
@@ -191,11 +210,11 @@ def define_flags(flag_values: flags.FlagValues, argv) -> None:
 
 
 def prepare_command(args) -> None:
-  """Prepares one dataset; a problem the user must fix exits with its explanation."""
+  """Prepares one dataset; a problem the user must fix raises PrepareError."""
   data_dir = pathlib.Path(args.data_dir)
   manual_dir = None if args.manual_dir is None else pathlib.Path(args.manual_dir)
   if manual_dir is not None and not manual_dir.is_dir():
-    sys.exit(f"--manual_dir {manual_dir} is not a directory")
+    raise PrepareError(f"--manual_dir {manual_dir} is not a directory")
   if args.dataset in sources.TFDS_DATASETS:
     prepare_tfds(args.dataset, data_dir, manual_dir)
   elif args.dataset in sources.FOLDER_DATASETS:
@@ -206,7 +225,7 @@ def prepare_command(args) -> None:
 
 def main(argv=None) -> int:
   """Runs the command (argv without the program name; None: sys.argv, as a program)."""
-  return cli.run(define_flags, prepare_command, argv, errors=())
+  return cli.run(define_flags, prepare_command, argv, errors=(PrepareError,))
 
 
 if __name__ == "__main__":

@@ -124,17 +124,19 @@ def prepare_command(name: str, data_dir, manual_dir: str | None = "MANUAL_DIR") 
 
 
 def _not_prepared(name: str, data_dir, problem: str) -> DatasetNotPreparedError:
+  """Two lines: what is wrong and where the archive goes, then the command alone on its line
+  (to copy and run)."""
   if name in TFDS_DATASETS:
     files = ", ".join(f"{f} ({s:,} bytes)" for f, s in TFDS_DATASETS[name].archives)
-    where = (f"Place {files} in MANUAL_DIR (tfds uses the local copy, no network; without "
+    where = (f"place {files} in MANUAL_DIR (tfds uses the local copy, no network; without "
              "--manual_dir it downloads), then run once (needs TensorFlow: pip install .[prepare]):")
   else:
     spec = FOLDER_DATASETS[name]
     archive, size = spec["archive"]
-    where = (f"Place {archive} ({size}) in MANUAL_DIR, or an extracted folder with train/<class>/ and "
+    where = (f"place {archive} ({size}) in MANUAL_DIR, or an extracted folder with train/<class>/ and "
              f"val/<class>/ at {data_dir}/{spec['folder']}, then run:")
   return DatasetNotPreparedError(
-      f"Dataset {name!r} is not usable in {data_dir}: {problem}\n{where}\n  "
+      f"Dataset {name!r} is not usable in {data_dir}: {problem}; {where}\n  "
       f"{prepare_command(name, data_dir)}")
 
 

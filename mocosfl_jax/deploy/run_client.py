@@ -7,7 +7,9 @@ Self-contained on purpose, the one module of the package that imports nothing fr
 file and the .onnx to the device (a Raspberry Pi, say), `pip install numpy onnxruntime` (+ pillow
 for --images, imported only then) and run it there. Where the package is installed it also runs
 as `python -m mocosfl_jax.deploy.run_client`, and quantize.py reuses its `ClientModel`. It keeps
-the standard library's argparse for that reason, unlike the package's other commands.
+the standard library's argparse for that reason, unlike the package's other commands, but refuses
+as they do: a bad flag or input (a missing file, a file that is not an ONNX model, a wrong size)
+is one `error: ...` line on stderr and status 2.
 Inputs:
 * --images DIR: every .png/.jpg/.jpeg/.bmp/.webp in DIR (sorted), read as RGB uint8;
 * --npy FILE: uint8 images [N,H,W,3] or [H,W,3] (normalised here), or float32 tensors already
@@ -23,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import statistics
 import sys
@@ -30,14 +33,37 @@ import time
 
 import numpy as np
 import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+# What onnxruntime raises when it loads a model (its own classes, not subclasses of ValueError):
+# bytes that are no ONNX model at all, and a model this onnxruntime cannot run (IR version,
+# opset or operator too new, invalid graph).
+_NOT_ONNX = tuple(getattr(ort_errors, n) for n in ("InvalidProtobuf", "NoModel", "InvalidArgument")
+                  if hasattr(ort_errors, n))
+_UNLOADABLE = tuple(getattr(ort_errors, n) for n in ("Fail", "InvalidGraph", "NotImplemented",
+                                                      "RuntimeException")
+                    if hasattr(ort_errors, n))
 
 
 def peak_rss_mib() -> float:
   """Peak resident set size of this process (ru_maxrss is KiB on Linux, bytes on macOS)."""
   rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
   return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
+
+
+def _load_failure(path: str, e: Exception) -> ValueError:
+  """onnxruntime's load error as one line naming the file (its own message carries an error
+  code prefix and, for some errors, a C++ source location and signature)."""
+  lines = str(e).strip().splitlines()
+  reason = lines[0] if lines else type(e).__name__
+  reason = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", reason)
+  reason = reason.replace(f"Load model from {path} failed:", "")
+  reason = re.sub(r"^\S+:\d+ [^(]*\(.*?\) ", "", reason).strip()[:200]
+  if isinstance(e, _NOT_ONNX):
+    return ValueError(f"not an ONNX model: {path} ({reason}); give the .onnx written by "
+                      "python -m mocosfl_jax.deploy.to_onnx")
+  return ValueError(f"onnxruntime {ort.__version__} cannot load the ONNX model {path}: {reason}")
 
 
 def _meta_value(text: str):
@@ -56,7 +82,10 @@ class ClientModel:
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.intra_op_num_threads = threads
-    self.session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    try:
+      self.session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    except _NOT_ONNX + _UNLOADABLE as e:
+      raise _load_failure(path, e) from e
     raw = self.session.get_modelmeta().custom_metadata_map
     self.meta = {k: _meta_value(v) for k, v in raw.items()}
     for key in ("layout", "input_size", "mean", "std"):
@@ -169,16 +198,35 @@ def bench(model: ClientModel, x: np.ndarray, iters: int, warmup: int = 5) -> dic
           "images_per_s": 1e3 / statistics.median(ms)}
 
 
+class _Parser(argparse.ArgumentParser):
+  """argparse with the package's refusal: one `error: ...` line on stderr and status 2 (argparse
+  prints its usage first, which buries the error; --help still prints the usage)."""
+
+  def error(self, message):
+    self.exit(2, f"error: {message} (--help lists the flags)\n")
+
+
+def _count(text: str) -> int:
+  """An integer >= 0 (for --bench and --threads)."""
+  try:
+    value = int(text)
+  except ValueError:
+    value = -1
+  if value < 0:
+    raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 0")
+  return value
+
+
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p = _Parser(description=__doc__.split("\n\n")[0])
   p.add_argument("--model", required=True, help="exported client .onnx")
   src = p.add_mutually_exclusive_group(required=True)
   src.add_argument("--images", help="directory of RGB images")
   src.add_argument("--npy", help=".npy of uint8 images [N,H,W,3] or normalised float32")
   p.add_argument("--out", help="write smashed activations here (.npy); else print a summary")
-  p.add_argument("--bench", type=int, default=0, metavar="N", help="time N runs")
+  p.add_argument("--bench", type=_count, default=0, metavar="N", help="time N runs")
   p.add_argument("--bench-json", help="also write the benchmark and machine description here")
-  p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: onnxruntime's)")
+  p.add_argument("--threads", type=_count, default=0, help="intra-op threads (0: onnxruntime's)")
   p.add_argument("--resize", action="store_true", help="resize folder images to the model size")
   return p.parse_args(argv)
 
