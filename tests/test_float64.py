@@ -42,13 +42,15 @@ def tiny():
 
 
 def _two_steps(exp, net, state, images, table):
-  """Steps 12 and 13 of epoch 0 of the tiny run (gather, augmentation, step; 13 is a sync step);
-  returns (state, [metrics])."""
+  """The two steps of epoch 0 of the tiny run that end with its first sync (gather,
+  augmentation, step); returns (state, [metrics])."""
   data_key, aug_key = jax.random.split(jax.random.key(5))
+  first_sync = exp.step.steps_per_epoch // exp.step.avg_freq - 1
   out = []
   for s in range(2):
     state, m = train.simulated_step(net, exp.step, exp.aug, state, images, table, data_key,
-                                    aug_key, None, jnp.int32(0), jnp.int32(12 + s), exp.par)
+                                    aug_key, None, jnp.int32(0), jnp.int32(first_sync - 1 + s),
+                                    exp.par)
     out.append(m)
   return state, out
 
