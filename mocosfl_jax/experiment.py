@@ -56,13 +56,13 @@ def _need(cond, field, value, msg):
     raise ValueError(f"config.{field}={value!r}: {msg}")
 
 
-def check_fields(c: ml_collections.ConfigDict) -> None:
+def check_fields(c: ml_collections.ConfigDict, *, strict: bool = True) -> None:
   """Checks the fields that no library object owns (see the module docstring).
 
-  Besides values out of range, settings that would be silently ignored are refused: a user who
-  sets them expects an effect.
+  Besides values out of range, `strict` refuses settings that would be silently ignored
+  (`check_nothing_ignored`): a user who sets them expects an effect. A config read back from a
+  finished run is resolved with strict=False, so runs written before a check existed still load.
   """
-  defaults = config_lib.get_config()
   _need(c.dataset in sources.DATASETS, "dataset", c.dataset, f"unknown; valid: {sources.DATASETS}")
   n = _as_config_error(num_layers, c.arch)
   _need(c.cut <= n, "cut", c.cut,
@@ -73,27 +73,12 @@ def check_fields(c: ml_collections.ConfigDict) -> None:
   _need(c.partition in partition_lib.METHODS, "partition", c.partition,
         f"valid: {', '.join(partition_lib.METHODS)}")
   _need(0.0 < c.noniid_ratio <= 1.0, "noniid_ratio", c.noniid_ratio, "must be in (0, 1]")
-  _need(c.noniid_ratio == 1.0 or c.partition in ("auto", "shards"), "noniid_ratio",
-        c.noniid_ratio, f"only partition='shards' (or 'auto') uses it, and partition="
-        f"{c.partition!r}; drop noniid_ratio or set partition='shards'")
   _need(c.dirichlet_alpha > 0, "dirichlet_alpha", c.dirichlet_alpha, "must be > 0")
-  _need(c.dirichlet_alpha == defaults.dirichlet_alpha or c.partition == "dirichlet",
-        "dirichlet_alpha", c.dirichlet_alpha, f"only partition='dirichlet' uses it, and "
-        f"partition={c.partition!r}; drop dirichlet_alpha or set partition='dirichlet'")
   _need(0.0 < c.data_proportion <= 1.0, "data_proportion", c.data_proportion, "must be in (0, 1]")
   _need(c.augmentation in AUGMENTATIONS, "augmentation", c.augmentation,
         f"valid: {', '.join(AUGMENTATIONS)}")
   _need(0.0 < c.crop_min_scale <= 1.0, "crop_min_scale", c.crop_min_scale, "must be in (0, 1]")
   _need(c.flavour in plan.FLAVOURS, "flavour", c.flavour, f"valid: {plan.FLAVOURS}")
-  _need(c.flavour == defaults.flavour or c.auto_adjust, "flavour", c.flavour,
-        "chooses whose auto_adjust rules apply and has no effect without "
-        "config.auto_adjust=True; set auto_adjust=True or drop flavour")
-  _need(c.adjust_batch_for_large_clients or (c.auto_adjust and c.flavour == "monacosfl"),
-        "adjust_batch_for_large_clients", c.adjust_batch_for_large_clients,
-        "only MonAcoSFL's auto_adjust uses it; set auto_adjust=True and flavour='monacosfl'")
-  _need(not c.auto_adjust or c.sample_ratio == 1.0, "sample_ratio", c.sample_ratio,
-        "auto_adjust sets the sampling ratio from num_clients (0.5 for 200 clients, 0.1 for "
-        "1000); drop sample_ratio or set auto_adjust=False")
   for p in filter(None, c.final_protocols.split(",")):
     _need(p in FINAL_PROTOCOLS, "final_protocols", c.final_protocols,
           f"comma list of {', '.join(FINAL_PROTOCOLS)}")
@@ -107,6 +92,28 @@ def check_fields(c: ml_collections.ConfigDict) -> None:
                 "eval_batch_size"):
     _need(isinstance(c[field], int) and c[field] >= 1, field, c[field], "must be an int >= 1")
   _need(c.knn_t > 0, "knn_t", c.knn_t, "must be > 0")
+  if strict:
+    check_nothing_ignored(c)
+
+
+def check_nothing_ignored(c: ml_collections.ConfigDict) -> None:
+  """Refuses settings that have no effect in the config they are in, naming the fix."""
+  defaults = config_lib.get_config()
+  _need(c.noniid_ratio == 1.0 or c.partition in ("auto", "shards"), "noniid_ratio",
+        c.noniid_ratio, f"only partition='shards' (or 'auto') uses it, and partition="
+        f"{c.partition!r}; drop noniid_ratio or set partition='shards'")
+  _need(c.dirichlet_alpha == defaults.dirichlet_alpha or c.partition == "dirichlet",
+        "dirichlet_alpha", c.dirichlet_alpha, f"only partition='dirichlet' uses it, and "
+        f"partition={c.partition!r}; drop dirichlet_alpha or set partition='dirichlet'")
+  _need(c.flavour == defaults.flavour or c.auto_adjust, "flavour", c.flavour,
+        "chooses whose auto_adjust rules apply and has no effect without "
+        "config.auto_adjust=True; set auto_adjust=True or drop flavour")
+  _need(c.adjust_batch_for_large_clients or (c.auto_adjust and c.flavour == "monacosfl"),
+        "adjust_batch_for_large_clients", c.adjust_batch_for_large_clients,
+        "only MonAcoSFL's auto_adjust uses it; set auto_adjust=True and flavour='monacosfl'")
+  _need(not c.auto_adjust or c.sample_ratio == 1.0, "sample_ratio", c.sample_ratio,
+        "auto_adjust sets the sampling ratio from num_clients (0.5 for 200 clients, 0.1 for "
+        "1000); drop sample_ratio or set auto_adjust=False")
 
 
 def _as_config_error(fn, *args, **kwargs):
@@ -117,10 +124,13 @@ def _as_config_error(fn, *args, **kwargs):
     raise ValueError(f"config.{e}") from None
 
 
-def resolve(config: ml_collections.ConfigDict) -> Experiment:
-  """Checks the config, loads and partitions the data, derives S, E, P and the step config."""
+def resolve(config: ml_collections.ConfigDict, *, strict: bool = True) -> Experiment:
+  """Checks the config, loads and partitions the data, derives S, E, P and the step config.
+
+  strict=False (a config read back from a run) skips only `check_nothing_ignored`.
+  """
   c = config_lib.with_defaults(config)
-  check_fields(c)
+  check_fields(c, strict=strict)
   par = _as_config_error(ClientParallel, c.client_parallel, c.client_chunk)
   _as_config_error(plan.check_sample_ratio, c.sample_ratio)
   num_epochs, batch_size, avg_freq = c.num_epochs, c.batch_size, c.avg_freq

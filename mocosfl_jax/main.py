@@ -50,14 +50,15 @@ class RunStoppedError(RuntimeError):
 
 
 def resume_hint(workdir) -> str:
-  """What rerunning the command does: resume from the last intact checkpoint, or start over."""
+  """What rerunning the command does: resume from the latest complete checkpoint (or, if that one
+  turns out damaged, the newest intact one before it), or start over."""
   from mocosfl_jax.run import checkpoints  # pylint: disable=g-import-not-at-top  (fast --help)
   ckpt_dir = Path(workdir).expanduser().absolute() / "checkpoints"
   step = checkpoints.latest_step(ckpt_dir)
   if step is None:
     return "no checkpoint was written; the same command starts the run again"
-  return (f"the last intact checkpoint is step {step} in {ckpt_dir}; the same command resumes "
-          "from it")
+  return (f"the latest complete checkpoint is step {step} in {ckpt_dir}; the same command "
+          "resumes from it")
 
 
 def _root(e: BaseException) -> BaseException:

@@ -487,7 +487,7 @@ def test_ctrl_c_is_one_line_naming_the_last_checkpoint_and_the_rerun_resumes(
   _stop_at(monkeypatch, train, "simulated_step", 4, KeyboardInterrupt())
   status, err = _train(tmp_path, capsys)
   assert status == 130
-  _one_line(err, "interrupted", "last intact checkpoint is step 3")
+  _one_line(err, "interrupted", "latest complete checkpoint is step 3")
   monkeypatch.undo()
   assert _train(tmp_path, capsys)[0] == 0
   assert _results(tmp_path) == _results(places["run"])
@@ -500,7 +500,7 @@ def test_a_full_disk_is_one_line_naming_the_file_and_the_rerun_resumes(
   _stop_at(monkeypatch, train.metrics.MetricsWriter, "write", 3, full)
   status, err = _train(tmp_path, capsys)
   assert status == 1
-  _one_line(err, "metrics.jsonl: No space left on device", "last intact checkpoint is step 3")
+  _one_line(err, "metrics.jsonl: No space left on device", "latest complete checkpoint is step 3")
   monkeypatch.undo()
   assert _train(tmp_path, capsys)[0] == 0
   assert _results(tmp_path) == _results(places["run"])
@@ -519,7 +519,7 @@ def test_a_read_only_run_directory_leaves_no_half_written_results(
   monkeypatch.setattr(train.metrics.os, "replace", read_only)
   status, err = _train(tmp_path, capsys)
   assert status == 1
-  _one_line(err, "results.json: Read-only file system", "last intact checkpoint is step 6")
+  _one_line(err, "results.json: Read-only file system", "latest complete checkpoint is step 6")
   assert sorted(p.name for p in tmp_path.iterdir() if "results" in p.name) == []
   monkeypatch.undo()
   assert _train(tmp_path, capsys)[0] == 0

@@ -15,10 +15,11 @@ def test_kills_inside_checkpoint_writes_leave_the_uninterrupted_runs_files(tmp_p
   workdir = tmp_path / "killed"
   rng = random.Random(0)
   log = [soak.kill_once(workdir, kind, rng, STEPS) for kind in ("commit", "write")]
-  # Both were SIGKILLed mid-write: before the rename that publishes the step, and while its
-  # arrays were written; each left its temporary directory behind.
+  # Both were SIGKILLed: the first inside a commit, before the rename that publishes the step,
+  # so it left the step's temporary directory behind; the second 0-200 ms into a write (a small
+  # write can finish in that time, so whether it left one depends on timing).
   assert [r["returncode"] for r in log] == [-signal.SIGKILL] * 2, log
-  assert all(r["left_tmp_dir"] for r in log), log
+  assert log[0]["left_tmp_dir"], log
   rerun = soak.finish(workdir, STEPS)
   assert rerun.returncode == 0, rerun.stderr[-2000:]
   records, results = soak.comparable(workdir)

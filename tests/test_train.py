@@ -191,3 +191,16 @@ def test_a_second_process_is_refused_while_a_run_holds_the_workdir(tmp_path):
   # The lock dies with its holder (even killed): the directory is usable again.
   with workdir_lock.hold(tmp_path):
     pass
+
+
+def test_a_step_with_an_unreadable_metrics_file_is_set_aside_and_the_run_resumes(tmp_path):
+  """orbax cannot even list such a step; the resume check reads config.json instead, and the
+  run's own Checkpointer moves the step to checkpoints/damaged/ and resumes before it."""
+  config = tiny.get_config()
+  config.val_fraction = 0.25            # selection: steps carry orbax metrics files
+  first = train.train_and_evaluate(config, str(tmp_path))
+  metrics_file = tmp_path / "checkpoints" / "6" / "metrics" / "metrics"
+  metrics_file.write_bytes(metrics_file.read_bytes()[:3])
+  again = train.train_and_evaluate(config, str(tmp_path))
+  assert (tmp_path / "checkpoints" / "damaged" / "6").is_dir()
+  assert again["last"] == first["last"]           # steps 4-6 rerun from step 3, exactly

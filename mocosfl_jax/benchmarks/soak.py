@@ -15,9 +15,7 @@ run that was never interrupted. Each kill is one of three kinds, in turn:
 Every kill is SIGKILL: no handler runs, the workdir lock dies with the process. After the kills
 the command runs to the end, and its files are compared with those of an uninterrupted run in a
 fresh directory. The config is configs/tiny.py with more steps (enough for every kill to land
-before the run ends; the command fails otherwise) and a checkpoint at every log step (resume
-restarts the metric window at the checkpoint, so the two cadences must agree for the logged
-window means to match).
+before the run ends; the command fails otherwise) and a checkpoint at every log step.
 
   python -m mocosfl_jax.benchmarks.soak --kills 10 --seed 0     # writes bench/results/soak.json
 """

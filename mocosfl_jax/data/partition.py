@@ -81,7 +81,7 @@ def _dirichlet(subset, labels, num_clients, num_classes, alpha, min_samples, rng
 
 
 def resolve_method(method: str, noniid_ratio: float) -> str:
-  """The method 'auto' stands for: 'iid' if noniid_ratio == 1 else 'shards' (the reference's rule)."""
+  """The method 'auto' stands for: 'iid' if noniid_ratio == 1 else 'shards' (the reference)."""
   if method == "auto":
     return "iid" if noniid_ratio == 1.0 else "shards"
   return method

@@ -133,8 +133,8 @@ def _not_prepared(name: str, data_dir, problem: str) -> DatasetNotPreparedError:
   else:
     spec = FOLDER_DATASETS[name]
     archive, size = spec["archive"]
-    where = (f"place {archive} ({size}) in MANUAL_DIR, or an extracted folder with train/<class>/ and "
-             f"val/<class>/ at {data_dir}/{spec['folder']}, then run:")
+    where = (f"place {archive} ({size}) in MANUAL_DIR, or an extracted folder with "
+             f"train/<class>/ and val/<class>/ at {data_dir}/{spec['folder']}, then run:")
   return DatasetNotPreparedError(
       f"Dataset {name!r} is not usable in {data_dir}: {problem}; {where}\n  "
       f"{prepare_command(name, data_dir)}")

@@ -24,20 +24,23 @@ PROTOCOLS = ("knn", "linear", "semi")
 
 
 def knn_monitor(exp: experiment_lib.Experiment, net):
-  """The run's kNN evaluation: `fn(clients, server, splits) -> {split: accuracy %}`.
+  """The run's kNN evaluation: `fn(clients, server, splits=None) -> {'<split>_knn_accuracy': %}`.
 
   The one kNN function of training (every evaluation, results.json) and of `evaluate`, so both
   give the same figure for the same checkpoint: the bank is the run's training data, k, t and the
   batch size are the run's `knn_k`, `knn_t` and `eval_batch_size`. `splits` names attributes of
-  the experiment ('val', 'test'); the bank is embedded once for all of them.
+  the experiment; the default is 'test', preceded by 'val' when the run holds one out. The bank
+  is embedded once for all of them.
   """
   embed = features.embed_fn(net, jnp.asarray(exp.aug.mean), jnp.asarray(exp.aug.std))
   c = exp.config
+  default = ("val", "test") if exp.val is not None else ("test",)
 
-  def fn(clients, server, splits=("test",)) -> dict:
-    queries = {name: getattr(exp, name) for name in splits}
-    return features.knn_accuracies(embed, clients, server, exp.train, queries, k=c.knn_k,
+  def fn(clients, server, splits=None) -> dict:
+    queries = {name: getattr(exp, name) for name in (splits or default)}
+    accs = features.knn_accuracies(embed, clients, server, exp.train, queries, k=c.knn_k,
                                    t=c.knn_t, batch_size=c.eval_batch_size)
+    return {f"{name}_knn_accuracy": acc for name, acc in accs.items()}
 
   return fn
 
@@ -79,7 +82,8 @@ def restore_for_eval(workdir, checkpoint="best"):
       except (ValueError, OSError):   # a damaged latest step: first_intact skips it below
         pass
     meta, net, restored = ckpt.first_intact(step, lambda s: load(ckpt, s))
-  exp = experiment_lib.resolve(ml_collections.ConfigDict(meta["config"]))
+  # Not strict: a run written before a "setting has no effect" check existed still evaluates.
+  exp = experiment_lib.resolve(ml_collections.ConfigDict(meta["config"]), strict=False)
   return exp, net, restored.state["clients"], restored.state["server"], restored.step
 
 
@@ -96,9 +100,7 @@ def evaluate(workdir, checkpoint="best", protocols=("knn",), recipes=("reference
   batch_size = batch_size or exp.config.eval_batch_size
   results = {"workdir": str(Path(workdir).absolute()), "step": step, "dataset": exp.train.name}
   if "knn" in protocols:
-    splits = ("val", "test") if exp.val is not None else ("test",)
-    accs = knn_monitor(exp, net)(clients, server, splits)
-    results.update({f"{name}_knn_accuracy": acc for name, acc in accs.items()})
+    results.update(knn_monitor(exp, net)(clients, server))
   if {"linear", "semi"} & set(protocols):
     fn = features.features_fn(net, mean, std)
     args = (features.client0(clients), server.online)

@@ -44,7 +44,7 @@ class SplitConfig:
       MobileNetV2 and VGG take 32 only (as the reference).
     bottleneck: 'None' or the reference's `[K<k>]C<c>S<s>[noRELU]` string.
     head: projection head 'V1', 'smallV2', 'V2' or 'largeV2'.
-    ws: Weight Standardisation in the backbone convs (the reference's --disable_WS is False).
+    ws: Weight Standardisation in the backbone convs (ws=False is the reference's --disable_WS).
       ResNets keep the stem conv and the Bottleneck shortcut conv WS regardless, MobileNetV2's
       projection shortcut conv is never WS, as the reference.
     c_residual: keep the skip connections of client-side blocks.

@@ -1,9 +1,10 @@
 """Checkpoints: a thin wrapper over orbax's CheckpointManager.
 
 Why a wrapper: the run needs "latest N for resume + best-by-validation for the final evaluation"
-(orbax's ``max_to_keep`` + ``best_fn`` keeps the N *best* and deletes the newest step, which breaks
-resume; a preservation policy of ``LatestN`` + ``BestN`` keeps both), typed PRNG keys (orbax
-stores plain arrays only), metadata readable without any training code, and error messages that
+(the best only when the run holds a validation split out; orbax's ``max_to_keep`` +
+``best_fn`` keeps the N *best* and deletes the newest step, which breaks resume, and a
+preservation policy of ``LatestN`` + ``BestN`` keeps both), typed PRNG keys (orbax stores plain
+arrays only), metadata readable without any training code, and error messages that
 name the offending path / key.
 
 Layout of one step directory ``<directory>/<step>/``:

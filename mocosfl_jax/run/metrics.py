@@ -187,7 +187,8 @@ def _series(records: list[dict]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 def plot_metrics(run_dir, out_dir=None) -> list[Path]:
   """Writes one PNG per metric group present (loss, contrastive accuracy, learning rates, kNN
-  accuracy, divergence, positive logit, sync, speed) to `out_dir` (default `<run_dir>/plots`); returns the written paths."""
+  accuracy, divergence, positive logit, sync, speed) to `out_dir` (default
+  `<run_dir>/plots`); returns the written paths."""
   import matplotlib
   matplotlib.use("Agg", force=True)
   import matplotlib.pyplot as plt

@@ -75,6 +75,22 @@ def check_resumable(saved: dict, current: dict, workdir) -> None:
                      "--workdir, or the saved config (config.json) to resume")
 
 
+def _saved_config(workdir: Path) -> dict | None:
+  """The config of the run in `workdir` (None for a new run): from its latest checkpoint, or,
+  when no step can be read (a damaged step is set aside only once the run reopens its
+  checkpoints), from the run's config.json."""
+  ckpt_dir = workdir / "checkpoints"
+  if checkpoints.latest_step(ckpt_dir) is None:
+    return None
+  try:
+    return checkpoints.read_meta(ckpt_dir, "latest").get("config", {})
+  except checkpoints.DamagedCheckpointError:
+    path = workdir / "config.json"
+    if not path.exists():
+      raise
+    return json.loads(path.read_text()).get("config", {})
+
+
 def _saved(state: TrainState) -> dict:
   """What a checkpoint holds (the optimizer follows from the config)."""
   return {"clients": state.clients, "server": state.server}
@@ -160,10 +176,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   logging.info("plan: model %s | %s | %d steps, eval every %d", exp.model, cfg, exp.num_steps,
                exp.eval_every)
   primary = jax.process_index() == 0      # multi-host: one process writes the run files
-  ckpt_dir = workdir / "checkpoints"
-  if checkpoints.latest_step(ckpt_dir) is not None:
-    check_resumable(checkpoints.read_meta(ckpt_dir, "latest").get("config", {}), config_dict,
-                    workdir)
+  if primary:
+    workdir_lock.refuse_if_held(workdir)   # before reading checkpoints a live run may rewrite
+  saved = _saved_config(workdir)
+  if saved is not None:
+    check_resumable(saved, config_dict, workdir)
 
   workdir.mkdir(parents=True, exist_ok=True)
   with workdir_lock.hold(workdir) if primary else contextlib.nullcontext():
@@ -214,8 +231,7 @@ def _run(exp, net, workdir: Path, primary: bool) -> dict:
                       "input_size": exp.train.input_size, "num_classes": exp.train.num_classes}}
 
   # ---- Evaluation and checkpoints ----
-  monitor = protocols.knn_monitor(exp, net)
-  splits = ("val", "test") if selecting else ("test",)
+  monitor = protocols.knn_monitor(exp, net)   # test kNN, and validation kNN when selecting
 
   def save(step, state, metrics=None, window=None):
     """Writes a checkpoint; `window`: the metric window in progress, resumed from it."""
@@ -225,11 +241,10 @@ def _run(exp, net, workdir: Path, primary: bool) -> dict:
   def evaluate_and_save(step, state, always_save=False, window=None):
     """kNN on every split; the checkpoint is written when selection needs it (or when due)."""
     t0 = time.time()
-    accs = monitor(state.clients, state.server, splits)
-    record = {f"{name}_knn_accuracy": acc for name, acc in accs.items()}
+    record = monitor(state.clients, state.server)
     writer.write(step, {**record, "eval_seconds": time.time() - t0})
     if selecting:
-      save(step, state, {"knn_accuracy": accs["val"]}, window)
+      save(step, state, {"knn_accuracy": record["val_knn_accuracy"]}, window)
     elif always_save:
       save(step, state, window=window)
     return record
@@ -245,8 +260,7 @@ def _run(exp, net, workdir: Path, primary: bool) -> dict:
                                    evaluate_and_save=evaluate_and_save, save=save)
     last_eval = loop_eval
     if last_eval is None:  # resumed at the end: the last evaluation is not in memory
-      last_eval = {f"{n}_knn_accuracy": a
-                   for n, a in monitor(state.clients, state.server, splits).items()}
+      last_eval = monitor(state.clients, state.server)
     results = _final_report(exp, monitor, ckpt, state, last_eval, workdir)
   finally:  # let pending checkpoint writes finish even on Ctrl-C, so resume finds them
     ckpt.close()
@@ -336,7 +350,7 @@ def _final_report(exp, monitor, ckpt, state, last_eval: dict, workdir: Path) -> 
                             "training split held out)")
     if ckpt.best_step() != last_step:
       r = ckpt.restore("best", _saved(state))   # past a damaged step to the next best, if any
-      test = monitor(r.state["clients"], r.state["server"], ("test",))["test"]
+      test = monitor(r.state["clients"], r.state["server"], ("test",))["test_knn_accuracy"]
       results["best"] = {"step": r.step,
                          "val_knn_accuracy": r.meta.get("metrics", {}).get("knn_accuracy"),
                          "test_knn_accuracy": test}

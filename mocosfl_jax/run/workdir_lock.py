@@ -31,6 +31,27 @@ def _holder(path: Path) -> str:
     return "another process"
 
 
+def refuse_if_held(workdir) -> None:
+  """Raises WorkdirLockedError if a live process holds `workdir`'s lock; writes nothing.
+
+  Lets a run check, before it reads the directory's checkpoints (which a live run may be
+  rewriting), that it would get the lock; `hold` takes it afterwards.
+  """
+  path = Path(workdir) / LOCK_FILE
+  try:
+    fd = os.open(path, os.O_RDONLY)
+  except FileNotFoundError:
+    return
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    raise WorkdirLockedError(
+        f"{workdir} is in use by a training run ({_holder(path)}); wait for it to finish or "
+        "stop it, or use another --workdir") from None
+  finally:
+    os.close(fd)
+
+
 @contextlib.contextmanager
 def hold(workdir):
   """Holds the lock of `workdir` (which must exist) for the `with` block; refuses if held."""
