@@ -10,7 +10,9 @@ reference (CIFAR-100 non-IID at 200 and 1000 clients: 96k and 80k, as the refere
 leave images out; docs/reference.md, 'Step-count invariant of the provided configurations').
 Paper figure to expect: 1000 clients, non-IID 2 classes per client, CIFAR-10, ResNet-18: over
 84% linear-probe accuracy (abstract; README "~84%"). Other rows: MocoSFL Table 3 (compare with
-the paper; docs/reference.md, 'Published figures'). GPU-scale run.
+the paper; docs/reference.md, 'Published figures'). GPU-scale run. At 1000 clients an epoch is
+50 steps, so the per-epoch kNN takes more time than the training itself (61% of the run,
+bench/README.md); --config.eval_every_steps=500 evaluates every 10 epochs instead.
 """
 from mocosfl_jax import config
 

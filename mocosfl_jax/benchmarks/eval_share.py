@@ -15,7 +15,7 @@ time, plus the scoring), of one epoch of steps (S x step), and the evaluation's 
 run, eval / (epoch + eval). Writes bench/results/eval_share.json.
 
   python -m mocosfl_jax.benchmarks.eval_share                  # the default settings
-  python -m mocosfl_jax.benchmarks.eval_share --settings table3:clients=1000 --reps 2
+  python -m mocosfl_jax.benchmarks.eval_share --setting mocosfl_table3:clients=1000 --reps 2
 
 (`python bench/eval_share.py` is the same command.)
 """
@@ -49,7 +49,7 @@ def _config(setting: str):
   name, _, arg = setting.partition(':')
   path = pathlib.Path(__file__).resolve().parents[2] / 'configs' / f'{name}.py'
   if not path.exists():
-    raise ValueError(f'--settings: no config {path}; use names of files in configs/')
+    raise ValueError(f'--setting: no config {path}; use names of files in configs/')
   spec = importlib.util.spec_from_file_location(f'cfg_{name}', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -118,8 +118,8 @@ def run_setting(setting: str, reps: int) -> dict:
 
 def define_flags(flag_values: flags.FlagValues, argv) -> None:
   del argv
-  flags.DEFINE_list('settings', list(DEFAULT_SETTINGS), 'CONFIG[:ARGS] of files in configs/.',
-                    flag_values=flag_values)
+  flags.DEFINE_multi_string('setting', list(DEFAULT_SETTINGS), 'CONFIG[:ARGS] of a file in '
+                            'configs/; repeat the flag for several.', flag_values=flag_values)
   flags.DEFINE_integer('reps', 3, 'Timed repetitions per measurement (median).',
                        flag_values=flag_values)
   flags.DEFINE_string('out', None, 'Output JSON (default bench/results/eval_share.json).',
@@ -131,7 +131,7 @@ def benchmark(args) -> None:
   out = pathlib.Path(args.out or RESULTS / 'eval_share.json')
   out.parent.mkdir(parents=True, exist_ok=True)
   report = dict(machine=machine(), settings=[])
-  for setting in args.settings:
+  for setting in args.setting:
     r = run_setting(setting, args.reps)
     report['settings'].append(r)
     print(f"{setting:32s} S {r['steps_per_epoch']:5d} | step {r['step_s']:.3f} s | epoch "
