@@ -6,9 +6,7 @@ they follow from the 50 000 CIFAR training images, which all go to the clients. 
 resolved here against a stand-in CIFAR training split of that size (balanced labels, images
 that take no memory), so the whole schedule is checked without the dataset.
 """
-import importlib.util
 import itertools
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,14 +15,7 @@ from mocosfl_jax import experiment
 from mocosfl_jax.algorithm import plan
 from mocosfl_jax.data import sources
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-
-
-def _config_module(name):
-  spec = importlib.util.spec_from_file_location(f"cfg_{name}", CONFIG_DIR / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from core_testlib import load_config as _config_module
 
 
 def _stand_in(name, split, data_dir=None, image_size=None):
