@@ -425,7 +425,7 @@ PROGRAM_CASES = [
     # The device script, run as a file beside its model, as on a device.
     Case("run_client", (str(Path(run_client.__file__)), "--model", "{tmp}/no_such.onnx", "--npy",
                         "{tmp}/x.npy"), "no_such.onnx"),
-    Case("to_onnx", (str(Path(PACKAGE_PARENT) / "export" / "to_onnx.py"), "--workdir", "{run}",
+    Case("to_onnx", (str(CONFIG_DIR.parent / "export" / "to_onnx.py"), "--workdir", "{run}",
                      "--out", "{run}/x.onnx", "--client", "9"), "client"),
     # A read-only checkpoint reader as a program: orbax's 'read only' warning is not shown.
     Case("evaluate", ("-m", "mocosfl_jax.evaluate", "--workdir", "{run}", "--checkpoint", "99"),

@@ -6,10 +6,13 @@ import signal
 
 from mocosfl_jax.benchmarks import soak
 
+from core_testlib import CONFIG_DIR
+
 STEPS = 16   # two kills land in it; fewer steps than the benchmark's run keep the test short
 
 
-def test_kills_inside_checkpoint_writes_leave_the_uninterrupted_runs_files(tmp_path):
+def test_kills_inside_checkpoint_writes_leave_the_uninterrupted_runs_files(tmp_path, monkeypatch):
+  monkeypatch.setattr(soak, "CONFIG", CONFIG_DIR / "tiny.py")   # the checkout's, installed or not
   reference = soak.finish(tmp_path / "uninterrupted", STEPS)
   assert reference.returncode == 0, reference.stderr[-2000:]
   workdir = tmp_path / "killed"

@@ -47,7 +47,9 @@ def _stand_in_cifar(name, split, data_dir=None, image_size=None):
 def _config(setting: str):
   import importlib.util  # pylint: disable=g-import-not-at-top
   name, _, arg = setting.partition(':')
-  path = pathlib.Path(__file__).resolve().parents[2] / 'configs' / f'{name}.py'
+  path = pathlib.Path('configs') / f'{name}.py'      # the checkout it runs in, as bench/ does
+  if not path.exists():
+    path = pathlib.Path(__file__).resolve().parents[2] / 'configs' / f'{name}.py'
   if not path.exists():
     raise ValueError(f'--setting: no config {path}; use names of files in configs/')
   spec = importlib.util.spec_from_file_location(f'cfg_{name}', path)

@@ -38,7 +38,17 @@ KINDS = ('commit', 'write', 'step')
 TIMING_FIELDS = ('steps_per_sec', 'eval_seconds')
 KILL_ENV = 'MOCOSFL_SOAK_KILL_AT_COMMIT'   # the child kills itself at this checkpoint commit
 TMP_MARK = '.orbax-checkpoint-tmp'
-CONFIG = pathlib.Path(__file__).resolve().parents[2] / 'configs' / 'tiny.py'
+
+
+def _tiny_config() -> pathlib.Path:
+  """configs/tiny.py of the checkout this runs in (the benchmarks run from its root), else the one
+  beside the imported package (an editable install)."""
+  here = pathlib.Path('configs') / 'tiny.py'
+  return (here if here.exists()
+          else pathlib.Path(__file__).resolve().parents[2] / 'configs' / 'tiny.py').resolve()
+
+
+CONFIG = _tiny_config()
 NUM_STEPS = 60
 OVERRIDES = ('--config.log_every_steps=2', '--config.checkpoint_every_steps=2',
              '--config.eval_every_steps=10')
