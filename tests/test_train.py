@@ -204,3 +204,21 @@ def test_a_step_with_an_unreadable_metrics_file_is_set_aside_and_the_run_resumes
   again = train.train_and_evaluate(config, str(tmp_path))
   assert (tmp_path / "checkpoints" / "damaged" / "6").is_dir()
   assert again["last"] == first["last"]           # steps 4-6 rerun from step 3, exactly
+
+
+def test_on_several_hosts_every_process_learns_that_the_workdir_is_held(tmp_path, monkeypatch):
+  """Process 0 checks the lock and broadcasts the outcome: a process that does not check it
+  (here: the simulated process 1 of 2) is refused too, instead of waiting in a collective."""
+  monkeypatch.setattr(train.jax, "process_count", lambda: 2)
+  sent = []
+
+  def broadcast(x):                       # what process 0 sends, here: "held"
+    sent.append(int(x))
+    return np.int32(1)
+
+  monkeypatch.setattr(train.multihost_utils, "broadcast_one_to_all", broadcast)
+  with pytest.raises(workdir_lock.WorkdirLockedError, match="process 0 found its lock held"):
+    train._refuse_if_workdir_held(tmp_path, primary=False)
+  assert sent == [0]                      # process 1 itself found nothing
+  monkeypatch.setattr(train.multihost_utils, "broadcast_one_to_all", lambda x: np.int32(0))
+  train._refuse_if_workdir_held(tmp_path, primary=False)          # free: no refusal

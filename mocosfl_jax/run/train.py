@@ -26,6 +26,7 @@ from pathlib import Path
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -73,6 +74,25 @@ def check_resumable(saved: dict, current: dict, workdir) -> None:
     diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)
     raise ValueError(f"{workdir} holds a run with a different config ({diffs}); use a new "
                      "--workdir, or the saved config (config.json) to resume")
+
+
+def _refuse_if_workdir_held(workdir: Path, primary: bool) -> None:
+  """Process 0 checks the workdir lock; on several hosts every process learns the outcome (a
+  refusal on process 0 alone would leave the others waiting in their first collective)."""
+  refusal = None
+  if primary:
+    try:
+      workdir_lock.refuse_if_held(workdir)
+    except workdir_lock.WorkdirLockedError as e:
+      refusal = e
+  if jax.process_count() > 1:
+    held = multihost_utils.broadcast_one_to_all(np.int32(refusal is not None))
+    if int(held) and refusal is None:
+      refusal = workdir_lock.WorkdirLockedError(
+          f"{workdir} is in use by a training run (process 0 found its lock held); wait for it "
+          "to finish or stop it, or use another --workdir")
+  if refusal is not None:
+    raise refusal
 
 
 def _saved_config(workdir: Path) -> dict | None:
@@ -176,8 +196,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   logging.info("plan: model %s | %s | %d steps, eval every %d", exp.model, cfg, exp.num_steps,
                exp.eval_every)
   primary = jax.process_index() == 0      # multi-host: one process writes the run files
-  if primary:
-    workdir_lock.refuse_if_held(workdir)   # before reading checkpoints a live run may rewrite
+  _refuse_if_workdir_held(workdir, primary)  # before reading checkpoints a live run may rewrite
   saved = _saved_config(workdir)
   if saved is not None:
     check_resumable(saved, config_dict, workdir)
