@@ -16,7 +16,7 @@ from pathlib import Path
 from absl import flags
 from ml_collections import config_flags
 
-from mocosfl_jax import cli, config as config_lib, quickstart
+from mocosfl_jax import cli, config as config_lib, hugepages, quickstart
 from mocosfl_jax.data import sources
 from mocosfl_jax.run import workdir_lock
 
@@ -131,6 +131,8 @@ def main(argv=None) -> int:
   # User errors: bad config values, missing or unprepared data, a busy workdir, a diverged run
   # (train.NonFiniteLossError is a FloatingPointError), a run stopped by Ctrl-C or a failed
   # write (RunStoppedError, status 130 or 1). --debug shows their tracebacks.
+  if argv is None:                 # as a program: 2 MiB pages for XLA's temporaries (once)
+    hugepages.reexec_with_huge_pages()
   return cli.run(define_flags, train, argv,
                  errors=(ValueError, FileNotFoundError, sources.DatasetNotPreparedError,
                          FloatingPointError, workdir_lock.WorkdirLockedError,
