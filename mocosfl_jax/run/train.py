@@ -143,17 +143,15 @@ class MetricWindow:
     # Scalars only: per-client metrics may be sharded over other hosts' devices.
     self._values.append({k: v for k, v in m.items() if np.ndim(v) == 0})
 
-  def check_finite(self) -> None:
-    """Raises NonFiniteLossError(step, loss) for the window's first non-finite loss."""
-    losses = np.array(jax.device_get([v["loss"] for v in self._values]), np.float64)
-    bad = np.flatnonzero(~np.isfinite(losses))
-    if bad.size:
-      raise NonFiniteLossError(self._steps[bad[0]], float(losses[bad[0]]))
-
   def snapshot(self) -> dict:
-    """The window so far as plain floats (JSON), after the finiteness check."""
-    self.check_finite()
+    """The window so far as plain floats (JSON), fetched in one transfer.
+
+    Raises NonFiniteLossError(step, loss) for the window's first non-finite loss.
+    """
     values = [{k: float(x) for k, x in v.items()} for v in jax.device_get(self._values)]
+    bad = [i for i, v in enumerate(values) if not np.isfinite(v["loss"])]
+    if bad:
+      raise NonFiniteLossError(self._steps[bad[0]], values[bad[0]]["loss"])
     return {"steps": list(self._steps), "values": values}
 
   def flush(self) -> dict:
