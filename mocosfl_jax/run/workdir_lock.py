@@ -31,6 +31,16 @@ def _holder(path: Path) -> str:
     return "another process"
 
 
+def _lock_or_refuse(fd: int, path: Path, workdir) -> None:
+  """Takes the lock on `fd` without waiting, or raises WorkdirLockedError naming its holder."""
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    raise WorkdirLockedError(
+        f"{workdir} is in use by a training run ({_holder(path)}); wait for it to finish or "
+        "stop it, or use another --workdir") from None
+
+
 def refuse_if_held(workdir) -> None:
   """Raises WorkdirLockedError if a live process holds `workdir`'s lock; writes nothing.
 
@@ -43,11 +53,7 @@ def refuse_if_held(workdir) -> None:
   except FileNotFoundError:
     return
   try:
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-  except BlockingIOError:
-    raise WorkdirLockedError(
-        f"{workdir} is in use by a training run ({_holder(path)}); wait for it to finish or "
-        "stop it, or use another --workdir") from None
+    _lock_or_refuse(fd, path, workdir)
   finally:
     os.close(fd)
 
@@ -58,12 +64,7 @@ def hold(workdir):
   path = Path(workdir) / LOCK_FILE
   fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)   # never truncates: the holder's record stays
   try:
-    try:
-      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      raise WorkdirLockedError(
-          f"{workdir} is in use by a training run ({_holder(path)}); wait for it to finish or "
-          "stop it, or use another --workdir") from None
+    _lock_or_refuse(fd, path, workdir)
     record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                          "started": datetime.datetime.now().isoformat(timespec="seconds")})
     os.ftruncate(fd, 0)
