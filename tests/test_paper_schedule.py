@@ -3,12 +3,12 @@
 The reference's scripts give each setting a number of steps per epoch S, a sync period and a
 total step count (docs/reference.md, 'Step-count invariant of the provided configurations');
 they follow from the 50 000 CIFAR training images, which all go to the clients. The configs are
-resolved here against a stand-in CIFAR training split of that size (balanced labels, images
-that take no memory), so the whole schedule is checked without the dataset.
+resolved here against a stand-in CIFAR training split of that size
+(`sources.cifar_stand_in`: balanced labels, images that take no memory), so the whole schedule is
+checked without the dataset.
 """
 import itertools
 
-import numpy as np
 import pytest
 
 from mocosfl_jax import experiment
@@ -18,19 +18,9 @@ from mocosfl_jax.data import sources
 from core_testlib import load_config as _config_module
 
 
-def _stand_in(name, split, data_dir=None, image_size=None):
-  del data_dir, image_size
-  n, classes = (50_000, 10 if name == "cifar10" else 100) if split == "train" else (10_000, 10)
-  images = np.broadcast_to(np.zeros((1, 32, 32, 3), np.uint8), (n, 32, 32, 3))
-  labels = (np.arange(n) % classes).astype(np.int32)
-  mean, std = sources.NORMALISATION[name]
-  return sources.ArrayDataset(images, labels, classes, np.asarray(mean), np.asarray(std), 32,
-                              name)
-
-
 @pytest.fixture(autouse=True)
 def cifar_stand_in(monkeypatch):
-  monkeypatch.setattr(sources, "load", _stand_in)
+  monkeypatch.setattr(sources, "load", sources.cifar_stand_in)
 
 
 def _sync_period(step):

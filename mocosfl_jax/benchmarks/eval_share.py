@@ -3,8 +3,8 @@
 The reference evaluates kNN after every epoch, and so do the paper configs. One evaluation
 embeds the whole training set (the bank) and the test set through client 0's slice and the
 server, then scores every test image against the bank. For each setting this benchmark resolves
-the paper config against a stand-in CIFAR split of the real size (zeros: timing does not depend
-on pixel values), and times in one process, after warm-up, medians of:
+the paper config against a stand-in CIFAR split of the real size (`sources.cifar_stand_in`:
+timing does not depend on pixel values), and times in one process, after warm-up, medians of:
 
 * the training step (`run.train.simulated_step`: sampling, augmentation, step) of that config;
 * the evaluation embedding of `eval_batch_size` images (the monitor's jitted function);
@@ -34,16 +34,6 @@ DEFAULT_SETTINGS = ('mocosfl_table2:clients=5', 'mocosfl_table3:clients=100',
                     'monacosfl:clients=5,cut=1')
 
 
-def _stand_in_cifar(name, split, data_dir=None, image_size=None):
-  from mocosfl_jax.data import sources  # pylint: disable=g-import-not-at-top
-  del data_dir, image_size
-  n = 50_000 if split == 'train' else 10_000
-  mean, std = sources.NORMALISATION[name]
-  return sources.ArrayDataset(np.zeros((n, 32, 32, 3), np.uint8),
-                              (np.arange(n) % 10).astype(np.int32), 10, np.asarray(mean),
-                              np.asarray(std), 32, name)
-
-
 def _config(setting: str):
   import importlib.util  # pylint: disable=g-import-not-at-top
   name, _, arg = setting.partition(':')
@@ -68,7 +58,7 @@ def run_setting(setting: str, reps: int) -> dict:
   from mocosfl_jax.models import build  # pylint: disable=g-import-not-at-top
   from mocosfl_jax.run import train  # pylint: disable=g-import-not-at-top
 
-  real_load, sources.load = sources.load, _stand_in_cifar
+  real_load, sources.load = sources.load, sources.cifar_stand_in
   try:
     exp = experiment.resolve(_config(setting))
   finally:

@@ -419,6 +419,24 @@ def load(name: str, split: str, *, data_dir=None, image_size: int | None = None,
   return _load_synthetic(split, image_size, **kwargs)
 
 
+def cifar_stand_in(name: str, split: str, data_dir=None, image_size=None) -> ArrayDataset:
+  """A CIFAR split of the real size and classes without its pixels, in place of `load`.
+
+  The images are one zero image broadcast to every row (no memory), the labels balanced. A paper
+  config resolved against it has the real schedule (the partition depends on the labels only),
+  and its steps take the real time, so schedules can be checked and steps timed without the
+  dataset (tests/test_paper_schedule.py, benchmarks/eval_share.py).
+  """
+  del data_dir, image_size
+  if name not in ("cifar10", "cifar100"):
+    raise ValueError(f"no stand-in for {name!r}; valid: cifar10, cifar100")
+  n, classes = (50_000 if split == "train" else 10_000), (10 if name == "cifar10" else 100)
+  images = np.broadcast_to(np.zeros((1, 32, 32, 3), np.uint8), (n, 32, 32, 3))
+  mean, std = NORMALISATION[name]
+  return ArrayDataset(images, (np.arange(n) % classes).astype(np.int32), classes,
+                      np.asarray(mean), np.asarray(std), 32, name)
+
+
 def holdout(ds: ArrayDataset, fraction: float, seed: int, *,
             labelled_only: bool = False) -> tuple[ArrayDataset, ArrayDataset]:
   """Splits a validation set off the *training* data (checkpoint selection must not see test data).
