@@ -482,15 +482,25 @@ def _one_line(err, *needles):
     assert needle in lines[-1], err
 
 
+def _stops_then_resumes(places, workdir, monkeypatch, capsys, status, *needles,
+                        while_stopped=lambda: None):
+  """The tiny run, with `monkeypatch`'s failure in place, ends with `status` and one `error:`
+  line naming `needles`; `while_stopped` checks the directory it left; the same command, rerun
+  without the failure, ends with the uninterrupted run's results."""
+  got, err = _train(workdir, capsys)
+  assert got == status
+  _one_line(err, *needles)
+  while_stopped()
+  monkeypatch.undo()
+  assert _train(workdir, capsys)[0] == 0
+  assert _results(workdir) == _results(places["run"])
+
+
 def test_ctrl_c_is_one_line_naming_the_last_checkpoint_and_the_rerun_resumes(
     places, tmp_path, monkeypatch, capsys):
   _stop_at(monkeypatch, train, "simulated_step", 4, KeyboardInterrupt())
-  status, err = _train(tmp_path, capsys)
-  assert status == 130
-  _one_line(err, "interrupted", "latest complete checkpoint is step 3")
-  monkeypatch.undo()
-  assert _train(tmp_path, capsys)[0] == 0
-  assert _results(tmp_path) == _results(places["run"])
+  _stops_then_resumes(places, tmp_path, monkeypatch, capsys, 130, "interrupted",
+                      "latest complete checkpoint is step 3")
 
 
 def test_a_full_disk_is_one_line_naming_the_file_and_the_rerun_resumes(
@@ -498,12 +508,9 @@ def test_a_full_disk_is_one_line_naming_the_file_and_the_rerun_resumes(
   # The record of step 4 fails (the checkpoint of step 3 is written by then).
   full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "metrics.jsonl"))
   _stop_at(monkeypatch, train.metrics.MetricsWriter, "write", 3, full)
-  status, err = _train(tmp_path, capsys)
-  assert status == 1
-  _one_line(err, "metrics.jsonl: No space left on device", "latest complete checkpoint is step 3")
-  monkeypatch.undo()
-  assert _train(tmp_path, capsys)[0] == 0
-  assert _results(tmp_path) == _results(places["run"])
+  _stops_then_resumes(places, tmp_path, monkeypatch, capsys, 1,
+                      "metrics.jsonl: No space left on device",
+                      "latest complete checkpoint is step 3")
 
 
 def test_a_read_only_run_directory_leaves_no_half_written_results(
@@ -517,13 +524,13 @@ def test_a_read_only_run_directory_leaves_no_half_written_results(
     return real_replace(src, dst)
 
   monkeypatch.setattr(train.metrics.os, "replace", read_only)
-  status, err = _train(tmp_path, capsys)
-  assert status == 1
-  _one_line(err, "results.json: Read-only file system", "latest complete checkpoint is step 6")
-  assert sorted(p.name for p in tmp_path.iterdir() if "results" in p.name) == []
-  monkeypatch.undo()
-  assert _train(tmp_path, capsys)[0] == 0
-  assert _results(tmp_path) == _results(places["run"])
+
+  def no_results_file():
+    assert sorted(p.name for p in tmp_path.iterdir() if "results" in p.name) == []
+
+  _stops_then_resumes(places, tmp_path, monkeypatch, capsys, 1,
+                      "results.json: Read-only file system",
+                      "latest complete checkpoint is step 6", while_stopped=no_results_file)
 
 
 def test_evaluate_prints_its_results_when_it_cannot_write_them(places, monkeypatch, capsys):
