@@ -266,16 +266,14 @@ def _run(exp, net, workdir: Path, primary: bool) -> dict:
       save(step, state, window=window)
     return record
 
-  last_eval = None
   if start == 0:
-    last_eval = evaluate_and_save(0, state, always_save=True)
+    evaluate_and_save(0, state, always_save=True)
 
   # ---- Train loop ----
   try:
-    state, loop_eval = _train_loop(exp, net, state, start, images, ckpt, writer,
+    state, last_eval = _train_loop(exp, net, state, start, images, ckpt, writer,
                                    keys=(data_key, aug_key, pool_key), window=window,
                                    evaluate_and_save=evaluate_and_save, save=save)
-    last_eval = loop_eval
     if last_eval is None:  # resumed at the end: the last evaluation is not in memory
       last_eval = monitor(state.clients, state.server)
     results = _final_report(exp, monitor, ckpt, state, last_eval, workdir)
