@@ -64,6 +64,16 @@ def quiet_orbax() -> None:
     logger.addFilter(_DropOrbaxInfo())
 
 
+def root_cause(e: BaseException) -> BaseException:
+  """The innermost exception of `e`'s cause/context chain: wrappers (absl, ml_collections, orbax)
+  re-raise with a generic message, and the first exception says what is wrong."""
+  seen = {id(e)}
+  while (inner := e.__cause__ or e.__context__) is not None and id(inner) not in seen:
+    e = inner
+    seen.add(id(e))
+  return e
+
+
 def _error(message) -> None:
   print(f"error: {message}", file=sys.stderr)
 

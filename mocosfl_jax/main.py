@@ -61,15 +61,6 @@ def resume_hint(workdir) -> str:
           "resumes from it")
 
 
-def _root(e: BaseException) -> BaseException:
-  """The first exception of a chain (absl and ml_collections re-raise with the trace as text)."""
-  seen = set()
-  while (e.__cause__ or e.__context__) is not None and id(e) not in seen:
-    seen.add(id(e))
-    e = e.__cause__ or e.__context__
-  return e
-
-
 def explain_config_error(e: BaseException) -> str | None:
   """One line for a bad --config file, config argument or --config.FIELD override; else None.
 
@@ -77,7 +68,7 @@ def explain_config_error(e: BaseException) -> str | None:
   line, and reports a missing field as KeyError/AttributeError, a missing file as OSError and an
   error inside get_config as a message holding the whole traceback.
   """
-  root = _root(e)
+  root = cli.root_cause(e)
   text = str(e)
   if isinstance(root, (KeyError, AttributeError)):
     field = str(root.args[0] if root.args else root).strip("'\"")

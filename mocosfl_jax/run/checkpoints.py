@@ -61,6 +61,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from mocosfl_jax import cli
+
 STATE = "state"
 META = "meta"
 CHECKSUMS = "checksums"
@@ -141,10 +143,7 @@ def _quarantine_incomplete(directory: Path) -> list[Path]:
 def _one_line(e: BaseException, limit: int = 240) -> str:
   """An exception as one short line: its innermost cause (orbax wraps tensorstore's precise
   message, which names the file and what is wrong, in a generic one that prints a spec)."""
-  seen = {id(e)}
-  while (e.__cause__ or e.__context__) is not None and id(e.__cause__ or e.__context__) not in seen:
-    e = e.__cause__ or e.__context__
-    seen.add(id(e))
+  e = cli.root_cause(e)
   text = " ".join(str(e).split()) or "no message"
   text = f"{type(e).__name__}: {text}"
   return text if len(text) <= limit else text[:limit - 3] + "..."
