@@ -5,11 +5,13 @@ Layers, lowest first (a module may import modules of its own layer or below):
   0  config, quickstart, cli, precision,     run defaults, the command-line convention, dtype,
      hugepages                                the allocator setting of the training program
   1  models, data, algorithm.mapping,         building blocks with no algorithm inside
-     run.metrics, run.checkpoints
+     run.metrics, run.checkpoints, privacy
+     (all but privacy.attack)
   2  algorithm                                state, per-party functions, the pool step
   3  parallel                                 the step on the whole federation, devices
   4  experiment                               a config resolved to data, model, step config
-  5  evaluation                               kNN, probes, features, protocols on a checkpoint
+  5  evaluation, privacy.attack               kNN, probes, features, protocols, the model-
+                                              inversion attack on a checkpoint
   6  run                                      the training loop
   7  deploy, costs                            export of the client slice, cost tables
   8  main, evaluate, and other commands       command-line entry points
@@ -34,6 +36,7 @@ LAYERS = {
     'mocosfl_jax.precision': 0, 'mocosfl_jax.hugepages': 0,
     'mocosfl_jax.models': 1, 'mocosfl_jax.data': 1, 'mocosfl_jax.algorithm.mapping': 1,
     'mocosfl_jax.run.metrics': 1, 'mocosfl_jax.run.checkpoints': 1,
+    'mocosfl_jax.privacy': 1, 'mocosfl_jax.privacy.attack': 5,
     'mocosfl_jax.algorithm': 2,
     'mocosfl_jax.parallel': 3,
     'mocosfl_jax.experiment': 4,
