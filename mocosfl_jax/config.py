@@ -76,6 +76,8 @@ def get_config():
   c.knn_t = 0.1
   c.eval_batch_size = 256
   c.final_protocols = "knn,linear,semi"  # run at the end (as the reference); evaluate runs them too
+                                         # (knn, linear, semi; attack: the model-inversion attack)
+  c.attack_fraction = 0.01        # final 'attack': share of the training images the attacker holds
   return c
 
 

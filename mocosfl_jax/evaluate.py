@@ -38,6 +38,9 @@ def evaluate_command(args) -> int:
   """Evaluates, prints the results and writes them to <workdir>/eval_<step>.json."""
   protocols = tuple(filter(None, args.protocol.split(",")))
   recipes = tuple(filter(None, args.recipe.split(",")))
+  if "attack" in protocols:   # its own flags (client, fraction, decoder) and files
+    raise ValueError("the model-inversion attack is its own command: python -m "
+                     f"mocosfl_jax.attack --workdir {args.workdir} --checkpoint {args.checkpoint}")
   bad = [x for x in protocols if x not in PROTOCOLS] + [r for r in recipes if r not in
                                                          probes.RECIPES]
   if bad:

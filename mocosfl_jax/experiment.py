@@ -23,7 +23,7 @@ from mocosfl_jax.data import sources
 from mocosfl_jax.models import SplitConfig, num_layers, validate as validate_model
 
 AUGMENTATIONS = ("mocov2", "mocov1", "none")
-FINAL_PROTOCOLS = ("knn", "linear", "semi")
+FINAL_PROTOCOLS = ("knn", "linear", "semi", "attack")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +82,7 @@ def check_fields(c: ml_collections.ConfigDict, *, strict: bool = True) -> None:
   for p in filter(None, c.final_protocols.split(",")):
     _need(p in FINAL_PROTOCOLS, "final_protocols", c.final_protocols,
           f"comma list of {', '.join(FINAL_PROTOCOLS)}")
+  _need(0.0 < c.attack_fraction <= 1.0, "attack_fraction", c.attack_fraction, "must be in (0, 1]")
   _need(c.num_steps == -1 or c.num_steps >= 1, "num_steps", c.num_steps,
         "must be >= 1, or -1 for num_epochs x steps_per_epoch")
   _need(c.eval_every_steps == -1 or c.eval_every_steps >= 1, "eval_every_steps",
@@ -114,6 +115,10 @@ def check_nothing_ignored(c: ml_collections.ConfigDict) -> None:
   _need(not c.auto_adjust or c.sample_ratio == 1.0, "sample_ratio", c.sample_ratio,
         "auto_adjust sets the sampling ratio from num_clients (0.5 for 200 clients, 0.1 for "
         "1000); drop sample_ratio or set auto_adjust=False")
+  _need(c.attack_fraction == defaults.attack_fraction or "attack" in c.final_protocols.split(","),
+        "attack_fraction", c.attack_fraction, f"only the final model-inversion attack uses it, "
+        f"and final_protocols={c.final_protocols!r}; add 'attack' to final_protocols or drop "
+        "attack_fraction")
 
 
 def _as_config_error(fn, *args, **kwargs):

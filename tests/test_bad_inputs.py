@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mocosfl_jax import costs, evaluate, main
+from mocosfl_jax import attack, costs, evaluate, main
 from mocosfl_jax.data import prepare
 from mocosfl_jax.deploy import quantize, run_client, to_onnx
 from mocosfl_jax.run import train
@@ -33,7 +33,7 @@ from mocosfl_jax.run import train
 from core_testlib import CONFIG_DIR, PACKAGE_PARENT, load_config
 
 COMMANDS = {"main": main, "evaluate": evaluate, "to_onnx": to_onnx, "costs": costs,
-            "run_client": run_client, "quantize": quantize, "prepare": prepare}
+            "run_client": run_client, "quantize": quantize, "prepare": prepare, "attack": attack}
 TINY = "{configs}/tiny.py"
 
 
@@ -105,6 +105,10 @@ CASES = [
     _field("temperature", 0.0, "temperature"),
     _field("tau", 1.5, "tau"),
     _field("avg_freq", 0, "avg_freq"),
+    _field("attack_fraction", 0.0),
+    _field("attack_fraction", 0.5),      # without 'attack' in final_protocols it does nothing
+    _main("--config.final_protocols=knn,attack", "--config.attack_fraction=0.004",
+          needle="config.attack_fraction >= 0.00782"),
     # ---- main: config files, data, workdir, resume ----
     Case("main", ("--config", TINY + ":x=1", "--workdir", "{run}"), "tiny.py"),
     Case("main", ("--config", "{configs}/mocosfl_table3.py:bogus=1", "--workdir",
@@ -143,6 +147,16 @@ CASES = [
          "no intact checkpoint for 'latest'"),
     # The default, 'best', of a run without validation is its latest step.
     Case("evaluate", ("--workdir", "{all_damaged}"), "no intact checkpoint for 'latest'"),
+    Case("evaluate", ("--workdir", "{run}", "--protocol", "attack"), "python -m mocosfl_jax.attack"),
+    # ---- attack (refused before the decoder trains) ----
+    Case("attack", ("--workdir", "{tmp}/empty"),
+         "python -m mocosfl_jax.main --config CONFIG --workdir"),
+    Case("attack", ("--workdir", "{run}", "--client", "4"), "the run has 4 clients"),
+    Case("attack", ("--workdir", "{run}", "--checkpoint", "99"), "available steps: [3, 6]"),
+    Case("attack", ("--workdir", "{run}", "--fraction", "0.004"), "--fraction >= 0.00782"),
+    Case("attack", ("--workdir", "{run}", "--decoder", "custom"), "'custom'"),
+    Case("attack", ("--workdir", "{run}", "--epochs", "0"), "--epochs"),
+    Case("attack", ("--workdir", "{damaged}", "--checkpoint", "6"), "checkpoint step 6 in "),
     # ---- to_onnx (--out inside the run directory: a refusal must not write it) ----
     Case("to_onnx", ("--workdir", "{run}", "--out", "{run}/x.onnx", "--client", "9"), "client"),
     Case("to_onnx", ("--workdir", "{run}", "--out", "{run}/x.onnx", "--client", "first"),

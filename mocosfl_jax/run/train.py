@@ -39,12 +39,22 @@ from mocosfl_jax.algorithm.state import TrainState
 from mocosfl_jax.data import augment, partition as partition_lib, sampler
 from mocosfl_jax.evaluation import protocols
 from mocosfl_jax.models import build
+from mocosfl_jax.privacy import attack as attack_lib
 from mocosfl_jax.run import checkpoints, metrics, workdir_lock
 
 # Fields that may change when a run is resumed (they do not change the trajectory).
 RESUMABLE_CHANGES = {"log_every_steps", "eval_every_steps", "checkpoint_every_steps",
                      "keep_checkpoints", "final_protocols", "eval_batch_size", "num_steps",
-                     "data_dir", "client_parallel", "client_chunk", "distributed", "conv_impl"}
+                     "data_dir", "client_parallel", "client_chunk", "distributed", "conv_impl",
+                     "attack_fraction"}
+
+
+_ATTACK_NAMES = {"fraction": "config.attack_fraction"}
+
+
+def _final_attack_settings(config) -> attack_lib.Settings:
+  """The final model-inversion attack: the reference's settings, the configured fraction."""
+  return attack_lib.Settings(fraction=config.attack_fraction)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -191,6 +201,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   config = exp.config
   net, cfg = build(exp.model), exp.step
   config_dict = config.to_dict()
+  if "attack" in config.final_protocols.split(","):   # refused now, not after training
+    attack_lib.check_data(_final_attack_settings(config), len(exp.train.images),
+                          exp.model.input_size, net.smashed_shape, names=_ATTACK_NAMES)
   logging.info("plan: model %s | %s | %d steps, eval every %d", exp.model, cfg, exp.num_steps,
                exp.eval_every)
   primary = jax.process_index() == 0      # multi-host: one process writes the run files
@@ -284,6 +297,12 @@ def _run(exp, net, workdir: Path, primary: bool) -> dict:
   if probes_wanted:  # evaluates the reported checkpoint from disk, exactly as evaluate does
     results["probes"] = protocols.evaluate(workdir, results["reported_step"],
                                            tuple(probes_wanted))
+  if "attack" in config.final_protocols.split(","):   # client 0 of the reported checkpoint
+    results["attack"], grid = attack_lib.attack(workdir, results["reported_step"], 0,
+                                                _final_attack_settings(config),
+                                                names=_ATTACK_NAMES)
+    if primary:
+      attack_lib.write_outputs(workdir, results["attack"], grid)
   if not primary:
     return results
   metrics.write_text_atomic(workdir / "results.json", json.dumps(results, indent=1))
