@@ -90,7 +90,7 @@ def _pairs(n, seed):
   return x, y
 
 
-DEC = decoder.build("res_normN1C8", 8, (4, 4, 4))
+DEC = decoder.build("res_normN1C8", 8, (4, 4, 4))    # XLA's convolutions: quicker to compile
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
 """The attacker's decoder: names, upsampling stages, output shape and range."""
+import chex
 import jax
 
 import numpy as np
@@ -57,3 +58,15 @@ def test_unknown_norm_refused():
   with pytest.raises(ValueError, match='norm'):
     decoder.build('res_normN4C64', 8, (8, 8, 4), norm='ln')
 
+
+
+def test_conv_impl_changes_rounding_only(conv_impl='winograd'):   # matmul for the 1x1 convs
+  """Same variables (names, shapes, initial values), the same images up to float rounding."""
+  lax_dec = decoder.build('res_normN1C8', 16, (8, 8, 4))
+  other = decoder.build('res_normN1C8', 16, (8, 8, 4), conv_impl=conv_impl)
+  assert other.conv_impl == conv_impl and lax_dec.conv_impl == 'lax'
+  v = decoder.init(lax_dec, jax.random.key(0), (8, 8, 4))
+  chex.assert_trees_all_equal(v, decoder.init(other, jax.random.key(0), (8, 8, 4)))
+  x = jax.random.normal(jax.random.key(1), (2, 8, 8, 4))
+  np.testing.assert_allclose(other.apply(v, x, train=False), lax_dec.apply(v, x, train=False),
+                             atol=2e-5)

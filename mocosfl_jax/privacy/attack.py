@@ -51,6 +51,7 @@ from PIL import Image
 
 from mocosfl_jax import precision
 from mocosfl_jax.evaluation import knn, protocols
+from mocosfl_jax.models import conv
 from mocosfl_jax.privacy import decoder as decoder_lib
 from mocosfl_jax.privacy import similarity
 from mocosfl_jax.run import checkpoints, metrics
@@ -168,6 +169,14 @@ def split_indices(n: int, seed: int = SPLIT_SEED) -> tuple[np.ndarray, np.ndarra
 
 
 # ---- decoder training -------------------------------------------------------------------------
+
+def build_decoder(name: str, image_size: int, smashed_shape) -> decoder_lib.Decoder:
+  """The attack's decoder (BatchNorm). Its convolutions are 'auto' (models/conv.py): Winograd
+  on CPU, where XLA's weight-gradient convolution inside the epoch's `lax.scan` runs about 80x
+  slower than Winograd's matmuls; XLA's convolution elsewhere. Speed and rounding only."""
+  return decoder_lib.build(name, image_size, smashed_shape, "bn",
+                           conv_impl=conv.resolve_conv_impl("auto"))
+
 
 def _loss(dec, params, batch_stats, x, y):
   out, new = dec.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
@@ -343,7 +352,7 @@ def attack(workdir, checkpoint="best", client: int = 0, settings: Settings = Set
   smashed = smash(net, client_vars, train_images[chosen], exp.aug.mean, exp.aug.std, batch)
   target = targets(train_images[chosen], settings.jpeg)
   train_idx, val_idx = split_indices(n)
-  dec = decoder_lib.build(settings.decoder, size, net.smashed_shape)
+  dec = build_decoder(settings.decoder, size, net.smashed_shape)
   init_key, train_key = jax.random.split(jax.random.key(settings.seed))
   if log is not None:
     log(f"attack: step {step}, client {client}, {settings.decoder}, {len(train_idx)} training / "
@@ -363,6 +372,7 @@ def attack(workdir, checkpoint="best", client: int = 0, settings: Settings = Set
       "workdir": str(Path(workdir).absolute()), "checkpoint": str(checkpoint), "step": step,
       "client": client, "num_clients": num_clients, "dataset": exp.train.name,
       "image_size": size, "smashed_shape": list(net.smashed_shape), "decoder": settings.decoder,
+      "decoder_conv_impl": dec.conv_impl,
       "settings": dataclasses.asdict(settings),
       "mse": float(per_image["mse"].mean()), "ssim": float(per_image["ssim"].mean()),
       "psnr": float(per_image["psnr"].mean()),

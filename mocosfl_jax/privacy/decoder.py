@@ -15,6 +15,7 @@ channels change. Convs have biases and xavier-uniform init. `norm='bn'` is Batch
 `norm='gn'` GroupNorm with weight-standardised convs (the reference's simulated attacker when a
 client's batch is under 20 images).
 """
+import functools
 import math
 import re
 
@@ -62,17 +63,20 @@ class ResBlock(nn.Module):
   """Pre-activation residual block (see the module docstring); no ReLU at the end."""
   features: int
   norm: str = "bn"
+  conv_impl: str = "lax"
 
   @nn.compact
   def __call__(self, x, train: bool):
     ws = self.norm == "gn"
     h = nn.relu(_Norm(self.norm)(x, train))
-    h = layers.Conv(self.features, 3, 1, 1, use_bias=True, ws=ws)(h)
+    conv = functools.partial(layers.Conv, use_bias=True, ws=ws, conv_impl=self.conv_impl)
+    h = conv(self.features, 3, 1, 1)(h)
     h = nn.relu(_Norm(self.norm)(h, train))
-    h = layers.Conv(self.features, 3, 1, 1, use_bias=True, ws=ws)(h)
+    h = conv(self.features, 3, 1, 1)(h)
     shortcut = x
     if x.shape[-1] != self.features:
-      shortcut = layers.Conv(self.features, 1, 1, 0, use_bias=False, ws=ws)(x)
+      shortcut = layers.Conv(self.features, 1, 1, 0, use_bias=False, ws=ws,
+                             conv_impl=self.conv_impl)(x)
       shortcut = _Norm(self.norm)(shortcut, train)
     return h + shortcut
 
@@ -84,34 +88,42 @@ class Decoder(nn.Module):
     upsample: u, the number of doublings from h to H (`upsampling_stages`).
     num_blocks, channels: N and C of the name.
     norm: 'bn' or 'gn' (see the module docstring).
+    conv_impl: how the 3x3 and 1x1 convolutions compute (models/conv.py; speed and float rounding
+      only). On XLA:CPU the weight gradients of 'lax' convolutions inside a loop body (a decoder
+      trained under `lax.scan`) run about 20x slower than outside one; 'winograd' and 'matmul'
+      turn them into matmuls.
   """
   upsample: int
   num_blocks: int = 4
   channels: int = 64
   norm: str = "bn"
   out_channels: int = 3
+  conv_impl: str = "lax"
 
   @nn.compact
   def __call__(self, x, train: bool = True):
     c = self.channels
-    x = nn.relu(ResBlock(c, self.norm)(x, train))
+    block = functools.partial(ResBlock, norm=self.norm, conv_impl=self.conv_impl)
+    x = nn.relu(block(c)(x, train))
     for _ in range(self.num_blocks):
-      x = nn.relu(ResBlock(c, self.norm)(x, train))
+      x = nn.relu(block(c)(x, train))
     for stage in range(max(2, self.upsample)):
       if stage < self.upsample:
         x = _Norm(self.norm)(layers.ConvTranspose(c, 3, 2, 1, 1)(x), train)
       else:
-        x = ResBlock(c, self.norm)(x, train)
+        x = block(c)(x, train)
       x = nn.relu(x)
-    return nn.sigmoid(ResBlock(self.out_channels, self.norm)(x, train))
+    return nn.sigmoid(block(self.out_channels)(x, train))
 
 
-def build(name: str, image_size: int, smashed_shape, norm: str = "bn") -> Decoder:
+def build(name: str, image_size: int, smashed_shape, norm: str = "bn",
+          conv_impl: str = "lax") -> Decoder:
   """The decoder `name` for smashed data of shape [h, w, c] and images of `image_size`."""
   if norm not in NORMS:
     raise ValueError(f"decoder norm {norm!r} is not one of {NORMS}")
   blocks, channels = parse_name(name)
-  return Decoder(upsampling_stages(image_size, smashed_shape[0]), blocks, channels, norm)
+  return Decoder(upsampling_stages(image_size, smashed_shape[0]), blocks, channels, norm,
+                 conv_impl=conv_impl)
 
 
 def init(decoder: Decoder, key: jax.Array, smashed_shape) -> dict:
