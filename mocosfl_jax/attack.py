@@ -1,7 +1,6 @@
 """The model-inversion attack on a run's checkpoint: how well smashed data gives the images away.
 
-    python -m mocosfl_jax.attack --workdir runs/quickstart --checkpoint latest --client 0 \
-        --fraction 0.5
+    python -m mocosfl_jax.attack --workdir runs/quickstart --checkpoint latest --fraction 0.348
 
 The command-line front of privacy/attack.py (what the attack does is described there): a decoder
 trained on a `--fraction` of the training images inverts client K's smashed data of the first
@@ -31,8 +30,8 @@ def define_flags(flag_values: flags.FlagValues, argv) -> None:
   define("string", "checkpoint", "best", "latest, best or a step number.")
   define("integer", "client", 0, "Which client's slice to attack (0-based).")
   define("float", "fraction", _DEFAULTS.fraction,
-         "Share of the training images the attacker holds (the reference's 1%; digits has "
-         "1 437, so use more there).")
+         "Share of the training images the attacker holds: the reference's 1% is 500 CIFAR-10 "
+         "images; 0.348 gives the same 500 of digits' 1 437.")
   define("string", "decoder", _DEFAULTS.decoder,
          f"Decoder res_normN<blocks>C<channels> (the reference's: {decoder_lib.DEFAULT_NAME}).")
   define("integer", "epochs", _DEFAULTS.epochs, "Decoder training epochs.")
