@@ -271,7 +271,10 @@ def test_run_with_the_attacker_resumes_exactly(tmp_path):
   records = metrics.read_metrics(full)
   logged = {k for r in records for k in r}
   assert set(ressfl.METRIC_KEYS) | {'attacker_lr'} <= logged
+  assert not [k for k in logged - {'step'}
+              if metrics.plot_group(k) is None and k not in metrics.NOT_PLOTTED]
   assert metrics.plot_group('attacker_ssim') == metrics.plot_group('regulariser_ssim')
+  assert metrics.plot_group('attacker_lr') == 'learning_rate'
   assert (full / metrics.PLOTS_DIR / 'regulariser.png').exists()
   strip = lambda d: [{k: v for k, v in r.items() if k not in ('steps_per_sec', 'eval_seconds')}
                      for r in metrics.read_metrics(d)]
