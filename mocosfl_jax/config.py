@@ -26,7 +26,10 @@ def get_config():
   c.partition = "auto"            # auto (iid if noniid_ratio == 1 else shards) | iid | shards | dirichlet
   c.noniid_ratio = 1.0
   c.dirichlet_alpha = 0.5
-  c.data_proportion = 1.0
+  c.data_proportion = 1.0         # fraction of the training set used; 0 (no target images) is
+                                  # allowed with an aux_dataset (TAResSFL's expert)
+  c.aux_dataset = ""              # '' none; else B of its images (split IID over the clients)
+                                  # follow each client's B target images every step (TAResSFL)
   c.augmentation = "mocov2"       # mocov2 | mocov1 | none
   c.crop_min_scale = 0.08         # random resized crop area (min, 1); the reference's 0.08
   # Federation.
@@ -60,6 +63,13 @@ def get_config():
   c.client_schedule = "per_participation"   # the reference's quirk (default) | per_epoch
   c.num_epochs = 200
   c.feature_sharing = True
+  # TAResSFL (algorithm/ressfl.py): a simulated attacker per client, trained in every step, and
+  # a regulariser that pushes the attacker's SSIM down to ressfl_target_ssim.
+  c.ressfl = False
+  c.ressfl_alpha = 2.0            # the regulariser's weight (the reference's --ressfl_alpha)
+  c.ressfl_target_ssim = 0.6      # no penalty while the attacker's SSIM stays at or below this
+  c.attacker_decoder = "res_normN4C64"   # res_normN<blocks>C<channels>; GroupNorm + WS below
+                                         # batch_size 20, else BatchNorm (as the reference)
   # Parallelism (parallel.py; speed and memory only, never the numbers).
   c.client_parallel = "vmap"      # vmap (one device) | shard_map (pool over every device)
   c.client_chunk = 0              # 0: all clients at once; k: lax.map over chunks of k clients

@@ -17,10 +17,12 @@ import ml_collections
 
 from mocosfl_jax import config as config_lib
 from mocosfl_jax.algorithm import plan
+from mocosfl_jax.algorithm import ressfl
 from mocosfl_jax.algorithm.mapping import ClientParallel
 from mocosfl_jax.data import partition as partition_lib
 from mocosfl_jax.data import sources
-from mocosfl_jax.models import SplitConfig, num_layers, validate as validate_model
+from mocosfl_jax.models import SplitConfig, build, num_layers, validate as validate_model
+from mocosfl_jax.privacy import decoder as decoder_lib
 
 AUGMENTATIONS = ("mocov2", "mocov1", "none")
 FINAL_PROTOCOLS = ("knn", "linear", "semi", "attack")
@@ -33,6 +35,24 @@ class AugSpec:
   mean: tuple
   std: tuple
   crop_scale: tuple = (0.08, 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class AuxSpec:
+  """Static shape of a step's rows with an auxiliary set: per client, `batch_size` target images
+  (when `with_target`: data_proportion > 0) then `batch_size` auxiliary ones, each set
+  normalised with its own constants (`aug` is the auxiliary set's)."""
+  aug: AugSpec
+  batch_size: int
+  with_target: bool
+
+
+@dataclasses.dataclass
+class AuxData:
+  """The auxiliary training set (config.aux_dataset) split IID over the clients."""
+  spec: AuxSpec
+  train: sources.ArrayDataset
+  parts: list
 
 
 @dataclasses.dataclass
@@ -49,6 +69,7 @@ class Experiment:
   val: Optional[sources.ArrayDataset]   # None when val_fraction == 0 (nothing is selected)
   test: sources.ArrayDataset
   parts: list
+  aux: Optional[AuxData] = None          # config.aux_dataset (None without one)
 
 
 def _need(cond, field, value, msg):
@@ -63,6 +84,8 @@ def check_fields(c: ml_collections.ConfigDict, *, strict: bool = True) -> None:
   (`check_nothing_ignored`): a user who sets them expects an effect. A config read back from a
   finished run is resolved with strict=False, so runs written before a check existed still load.
   """
+  _need(c.dataset not in sources.AUX_ONLY_DATASETS, "dataset", c.dataset,
+        "is unlabelled and has no test split; use it as config.aux_dataset")
   _need(c.dataset in sources.DATASETS, "dataset", c.dataset, f"unknown; valid: {sources.DATASETS}")
   n = _as_config_error(num_layers, c.arch)
   _need(c.cut <= n, "cut", c.cut,
@@ -74,7 +97,18 @@ def check_fields(c: ml_collections.ConfigDict, *, strict: bool = True) -> None:
         f"valid: {', '.join(partition_lib.METHODS)}")
   _need(0.0 < c.noniid_ratio <= 1.0, "noniid_ratio", c.noniid_ratio, "must be in (0, 1]")
   _need(c.dirichlet_alpha > 0, "dirichlet_alpha", c.dirichlet_alpha, "must be > 0")
-  _need(0.0 < c.data_proportion <= 1.0, "data_proportion", c.data_proportion, "must be in (0, 1]")
+  _need(c.aux_dataset in ("",) + sources.DATASETS + sources.AUX_ONLY_DATASETS, "aux_dataset",
+        c.aux_dataset, f"unknown; valid: '' (none), "
+        f"{', '.join(sources.DATASETS + sources.AUX_ONLY_DATASETS)}")
+  _need(c.aux_dataset != c.dataset, "aux_dataset", c.aux_dataset,
+        "is the training dataset itself; use another set or '' (data_proportion sets how much "
+        "of the training set is used)")
+  if c.aux_dataset:
+    _need(0.0 <= c.data_proportion <= 1.0, "data_proportion", c.data_proportion,
+          "must be in [0, 1] (0: auxiliary images only)")
+  else:
+    _need(0.0 < c.data_proportion <= 1.0, "data_proportion", c.data_proportion,
+          "must be in (0, 1]; 0 (no training images) needs an aux_dataset")
   _need(c.augmentation in AUGMENTATIONS, "augmentation", c.augmentation,
         f"valid: {', '.join(AUGMENTATIONS)}")
   _need(0.0 < c.crop_min_scale <= 1.0, "crop_min_scale", c.crop_min_scale, "must be in (0, 1]")
@@ -93,6 +127,10 @@ def check_fields(c: ml_collections.ConfigDict, *, strict: bool = True) -> None:
                 "eval_batch_size"):
     _need(isinstance(c[field], int) and c[field] >= 1, field, c[field], "must be an int >= 1")
   _need(c.knn_t > 0, "knn_t", c.knn_t, "must be > 0")
+  _need(c.ressfl_alpha >= 0, "ressfl_alpha", c.ressfl_alpha, "must be >= 0")
+  _need(0.0 <= c.ressfl_target_ssim < 1.0, "ressfl_target_ssim", c.ressfl_target_ssim,
+        "must be in [0, 1) (0: the penalty always applies)")
+  _as_config_error(_attacker_decoder, c.attacker_decoder)
   if strict:
     check_nothing_ignored(c)
 
@@ -119,6 +157,16 @@ def check_nothing_ignored(c: ml_collections.ConfigDict) -> None:
         "attack_fraction", c.attack_fraction, f"only the final model-inversion attack uses it, "
         f"and final_protocols={c.final_protocols!r}; add 'attack' to final_protocols or drop "
         "attack_fraction")
+  for field in ("ressfl_alpha", "ressfl_target_ssim", "attacker_decoder"):
+    _need(c.ressfl or c[field] == defaults[field], field, c[field],
+          "only TAResSFL's simulated attacker uses it; set ressfl=True or drop it")
+
+
+def _attacker_decoder(name: str) -> None:
+  try:
+    decoder_lib.parse_name(name)
+  except ValueError as e:
+    raise ValueError(f"attacker_decoder={name!r}: {e}") from None
 
 
 def _as_config_error(fn, *args, **kwargs):
@@ -171,22 +219,59 @@ def resolve(config: ml_collections.ConfigDict, *, strict: bool = True) -> Experi
       train.labels, c.num_clients, method=c.partition, noniid_ratio=c.noniid_ratio,
       alpha=c.dirichlet_alpha, data_proportion=c.data_proportion, seed=c.seed,
       num_classes=train.num_classes)
-  smallest = min(len(p) for p in parts)
-  _need(smallest >= batch_size, "batch_size", batch_size,
-        f"the smallest client holds {smallest} samples; lower batch_size or num_clients")
+  with_target = c.data_proportion > 0
+  if with_target:
+    smallest = min(len(p) for p in parts)
+    _need(smallest >= batch_size, "batch_size", batch_size,
+          f"the smallest client holds {smallest} samples; lower batch_size or num_clients")
   steps_per_epoch = math.ceil(len(parts[0]) / batch_size)  # reference: len(client 0's loader)
+  aux, rows = None, batch_size
+  if c.aux_dataset:
+    aux = _aux_data(c, batch_size, with_target, full_train.input_size, data_dir)
+    # The reference's TAResSFL script: S = the longer of client 0's two loaders.
+    steps_per_epoch = max(steps_per_epoch, math.ceil(len(aux.parts[0]) / batch_size))
+    rows = batch_size * (2 if with_target else 1)
+  ressfl_cfg = None
+  if c.ressfl:
+    smashed = build(model).smashed_shape
+    try:
+      decoder_lib.upsampling_stages(train.input_size, smashed[0])
+    except ValueError as e:
+      raise ValueError(f"config.ressfl=True: the attacker's decoder cannot map smashed data "
+                       f"{smashed} to images of {train.input_size} px ({e}); change cut, "
+                       "bottleneck or image_size") from None
+    ressfl_cfg = _as_config_error(
+        plan.RessflConfig, alpha=c.ressfl_alpha, target_ssim=c.ressfl_target_ssim,
+        decoder=c.attacker_decoder, norm=ressfl.decoder_norm(batch_size),
+        mean=tuple(map(float, train.mean)), std=tuple(map(float, train.std)),
+        milestones=ressfl.milestones(sample_ratio))
 
   step_cfg = _as_config_error(
       plan.StepConfig,
-      num_clients=c.num_clients, batch_size=batch_size, queue_size=queue_size,
+      num_clients=c.num_clients, batch_size=rows, queue_size=queue_size,
       temperature=c.temperature, loss_form=c.loss_form, momentum_sync=c.momentum_sync,
       tau=c.tau, lr=c.lr, c_lr=None if c.c_lr < 0 else c.c_lr, momentum=c.momentum,
       weight_decay=c.weight_decay, lr_schedule=c.lr_schedule,
       client_schedule=c.client_schedule, num_epochs=num_epochs,
       steps_per_epoch=steps_per_epoch, avg_freq=min(avg_freq, steps_per_epoch),
-      feature_sharing=c.feature_sharing, sample_ratio=sample_ratio)
+      feature_sharing=c.feature_sharing, sample_ratio=sample_ratio, ressfl=ressfl_cfg)
   num_steps = c.num_steps if c.num_steps > 0 else num_epochs * steps_per_epoch
   eval_every = c.eval_every_steps if c.eval_every_steps > 0 else steps_per_epoch
   aug = AugSpec(c.augmentation, tuple(map(float, train.mean)), tuple(map(float, train.std)),
                 (float(c.crop_min_scale), 1.0))
-  return Experiment(c, model, step_cfg, par, aug, num_steps, eval_every, train, val, test, parts)
+  return Experiment(c, model, step_cfg, par, aug, num_steps, eval_every, train, val, test, parts,
+                    aux)
+
+
+def _aux_data(c, batch_size: int, with_target: bool, image_size: int, data_dir) -> AuxData:
+  """The auxiliary set at the training images' size, split IID over the clients (as the
+  reference's loader of it), normalised with its own constants."""
+  train = sources.load(c.aux_dataset, "train", data_dir=data_dir, image_size=image_size)
+  parts = partition_lib.partition(train.labels, c.num_clients, method="iid", seed=c.seed)
+  smallest = min(len(p) for p in parts)
+  _need(smallest >= batch_size, "batch_size", batch_size,
+        f"the smallest client holds {smallest} images of aux_dataset={c.aux_dataset!r}; lower "
+        "batch_size or num_clients")
+  aug = AugSpec(c.augmentation, tuple(map(float, train.mean)), tuple(map(float, train.std)),
+                (float(c.crop_min_scale), 1.0))
+  return AuxData(AuxSpec(aug, batch_size, with_target), train, parts)

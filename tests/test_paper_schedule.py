@@ -52,6 +52,13 @@ for clients, cut, dataset in itertools.product((5, 20, 200), (1, 5, 9), ("cifar1
   for sync in (1, 0):
     CASES.append(("monacosfl", f"clients={clients},cut={cut},dataset={dataset},"
                   f"sync_momentum={sync}", MONACOSFL[clients]))
+# TAResSFL's expert: one client, S = the CIFAR-100 loader's 391 batches of 128, one sync per
+# epoch (FedAvg of one client), 256 rows per step with target images (dp > 0), else 128.
+for cut, dp in itertools.product((1, 2, 3), (0.0, 0.005, 0.01)):
+  CASES.append(("taressfl_expert", f"cut={cut},dp={dp}", (391, 391, 78_200, 256 if dp else 128,
+                                                          200)))
+for arg in ("alpha=1.0,ssim=0.5", "alpha=4.0"):
+  CASES.append(("taressfl_expert", arg, (391, 391, 78_200, 256, 200)))
 for noniid in (1.0, 0.2):
   CASES.append(("vgg13", f"noniid={noniid}", MOCOSFL[100]))
   CASES.append(("mobilenetv2", f"paper=mocosfl,noniid={noniid}", MOCOSFL[100]))

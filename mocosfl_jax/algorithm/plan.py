@@ -11,10 +11,51 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from mocosfl_jax.privacy import decoder as decoder_lib
+
 LOSS_FORMS = ('original', 'two_view', 'single')
 LR_SCHEDULES = ('cosine', 'multistep')
 CLIENT_SCHEDULES = ('per_participation', 'per_epoch')
 FLAVOURS = ('mocosfl', 'monacosfl')
+
+
+@dataclasses.dataclass(frozen=True)
+class RessflConfig:
+  """TAResSFL's simulated attacker and regulariser in the step (algorithm/ressfl.py); static.
+
+  Attributes:
+    alpha: weight of the regulariser alpha * (s - target_ssim), s the attacker's SSIM.
+    target_ssim: the regulariser acts only while s > target_ssim (always when <= 0).
+    decoder: the attacker's decoder, 'res_normN<blocks>C<channels>' (privacy/decoder.py).
+    norm: 'bn' or 'gn' (GroupNorm + weight-standardised convs) in the decoder.
+    mean, std: RGB constants that turn the client's (normalised) input back into the [0, 1]
+      image the attacker reconstructs.
+    milestones: epochs at which the attacker's learning rate is multiplied by `gamma`.
+    lr, gamma: the attacker's Adam learning rate and its MultiStep decay.
+  """
+  alpha: float
+  target_ssim: float
+  decoder: str
+  norm: str
+  mean: tuple
+  std: tuple
+  milestones: tuple = (60, 120, 160)
+  lr: float = 1e-3
+  gamma: float = 0.2
+
+  def __post_init__(self):
+    for name in ('mean', 'std', 'milestones'):   # lists after a JSON round trip
+      object.__setattr__(self, name, tuple(getattr(self, name)))
+    if self.alpha < 0:
+      raise ValueError(f'ressfl alpha={self.alpha!r} must be >= 0.')
+    if not 0.0 <= self.target_ssim < 1.0:
+      raise ValueError(f'ressfl target_ssim={self.target_ssim!r} must be in [0, 1).')
+    decoder_lib.parse_name(self.decoder)
+    if self.norm not in decoder_lib.NORMS:
+      raise ValueError(f'ressfl norm={self.norm!r}; valid: {decoder_lib.NORMS}.')
+    if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+      raise ValueError(f'ressfl mean={self.mean!r}, std={self.std!r}: need 3 values each, '
+                       'std > 0.')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,7 +65,8 @@ class StepConfig:
   Attributes:
     num_clients: N, number of clients holding state.
     pool_size: P, clients per step; None derives int(sample_ratio * N).
-    batch_size: B, images per client per step (before the two-view doubling).
+    batch_size: B, images per client per step (before the two-view doubling); with an auxiliary
+      data set (TAResSFL) the target and auxiliary images together.
     queue_size: K, shared queue length (per-client queues get K // N rows each).
     temperature: InfoNCE temperature T.
     loss_form: 'original' (MocoSFL two-term sum), 'two_view' (MonAcoSFL [q;k] concat, single
@@ -44,6 +86,7 @@ class StepConfig:
     avg_freq: FedAvg frequency parameter of the sync rule (`is_sync_step`).
     feature_sharing: one shared queue (True, default) or per-client queues.
     sample_ratio: r in (0, 1]; used to derive pool_size.
+    ressfl: None, or TAResSFL's simulated attacker and regulariser (`RessflConfig`).
   """
   num_clients: int
   batch_size: int
@@ -64,9 +107,12 @@ class StepConfig:
   avg_freq: int = 10
   feature_sharing: bool = True
   sample_ratio: float = 1.0
+  ressfl: Optional[RessflConfig] = None
 
   def __post_init__(self):
     check_sample_ratio(self.sample_ratio)
+    if isinstance(self.ressfl, dict):       # dataclasses.asdict, e.g. a checkpoint's meta
+      object.__setattr__(self, 'ressfl', RessflConfig(**self.ressfl))
     if self.pool_size is None:
       object.__setattr__(self, 'pool_size', int(self.sample_ratio * self.num_clients))
     if self.c_lr is None:

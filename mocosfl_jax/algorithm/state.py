@@ -4,6 +4,9 @@ Every `ClientState` leaf has a leading client axis N. All clients start identica
 deep-copies one randomly initialised client net N times) and every momentum net starts as a copy
 of its online net. Copies are real copies, so every buffer can be donated to the step.
 `ClientState.lr_scale` [N] multiplies each client's learning rate (0 freezes a client).
+With TAResSFL's simulated attacker (`StepConfig.ressfl`) the clients are an
+`AttackedClientState`, which adds each client's attacker; without it the state (and so every
+checkpoint) has exactly the fields of `ClientState`.
 """
 import functools
 from typing import Any
@@ -16,6 +19,7 @@ import optax
 from mocosfl_jax import precision
 from mocosfl_jax.algorithm import optim
 from mocosfl_jax.algorithm import queue as queue_lib
+from mocosfl_jax.algorithm import ressfl
 from mocosfl_jax.algorithm.plan import StepConfig
 
 PyTree = Any
@@ -39,6 +43,21 @@ class ClientState:
   count: jax.Array
   draws: jax.Array
   lr_scale: jax.Array
+
+
+@flax.struct.dataclass
+class AttackedClientState(ClientState):
+  """`ClientState` plus each client's simulated attacker (algorithm/ressfl.py).
+
+  A subclass rather than an optional field: a field left None would still appear in the
+  checkpoint's tree, so runs without the attacker would no longer restore older checkpoints.
+  Like every client leaf the attacker follows the pool's gather and scatter; FedAvg (sync.py)
+  replaces only `online` (and `momentum`), so attackers are never averaged.
+
+  Attributes:
+    attacker: ressfl.AttackerState (decoder variables and Adam state), stacked over clients.
+  """
+  attacker: PyTree
 
 
 @flax.struct.dataclass
@@ -110,6 +129,9 @@ def init_fn(net, cfg: StepConfig, key: jax.Array) -> TrainState:
       draws=jnp.zeros((n,), jnp.int32),
       lr_scale=jnp.ones((n,), precision.float_dtype()),
   )
+  if cfg.ressfl is not None:   # its own key stream: the other initial values stay as they are
+    attackers = ressfl.init(net, cfg.ressfl, jax.random.fold_in(key, 0x5e55f1), n)
+    clients = AttackedClientState(**vars(clients), attacker=attackers)
 
   server_vars = dict(net.init_server(k_server))
   server_vars.setdefault('batch_stats', {})

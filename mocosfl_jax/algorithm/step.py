@@ -10,6 +10,8 @@ concatenates every client's smashed data and computes InfoNCE against the queue,
 `value_and_grad` differentiates through clients and server together (equal to the server's
 backward followed by each client's backward), both sides take an SGD step, and every few steps
 the pool's clients are averaged (sync.py). One compiled step serves sync and non-sync steps.
+With `cfg.ressfl` every pool client's simulated attacker takes its step right after the client's
+forward and the regulariser's penalties join the loss (algorithm/ressfl.py).
 
 Step order, the three loss forms and where we differ from the reference on purpose (batch
 shuffle dropped, FedAvg of exactly the pool, per-client queues indexed by pool position) are
@@ -24,6 +26,7 @@ import jax.numpy as jnp
 from mocosfl_jax import precision
 from mocosfl_jax.algorithm import losses
 from mocosfl_jax.algorithm import parties
+from mocosfl_jax.algorithm import ressfl
 from mocosfl_jax.algorithm import sync as sync_lib
 from mocosfl_jax.algorithm.mapping import ClientParallel, map_clients
 from mocosfl_jax.algorithm.parties import concat_clients, with_params
@@ -52,9 +55,12 @@ def train_step(net, cfg: StepConfig, state: TrainState, views_q: jax.Array, view
   Returns:
     (state, metrics): metrics loss, contrastive_acc (%), pos_logit_mean, server_lr, client_lr
     (pool mean), client_lrs [P], synced, div_online_global, div_online_momentum,
-    div_momentum_global (the divergences are 0 on steps without sync).
+    div_momentum_global (the divergences are 0 on steps without sync); with cfg.ressfl also
+    attacker_lr and the pool means of ressfl.METRIC_KEYS (`loss` stays the server's loss).
   """
   clients, server, tx, p = state.clients, state.server, state.tx, cfg.pool_size
+  rows = views_q.shape[0]
+  attacker_lr = None if cfg.ressfl is None else ressfl.learning_rate(cfg.ressfl, epoch)
   x_q, x_k = jax.vmap(functools.partial(losses.client_inputs, cfg.loss_form))(views_q, views_k)
 
   # Clients: each momentum net follows its online net, then encodes the key views.
@@ -65,14 +71,25 @@ def train_step(net, cfg: StepConfig, state: TrainState, views_q: jax.Array, view
 
   def loss_fn(client_params, server_params):
     # Clients encode the query views; the server concatenates all clients' smashed data.
-    a_q, online = map_clients(par, functools.partial(parties.client_forward, net),
-                              with_params(clients.online, client_params), x_q)
+    attacked = None
+    if cfg.ressfl is None:
+      a_q, online = map_clients(par, functools.partial(parties.client_forward, net),
+                                with_params(clients.online, client_params), x_q)
+    else:  # each client's attacker steps on its smashed data; the regulariser's penalty
+      a_q, online, attacker, m = map_clients(    # differentiates w.r.t. that client only
+          par, functools.partial(ressfl.client_forward,
+                                 functools.partial(parties.client_forward, net), cfg.ressfl),
+          with_params(clients.online, client_params), clients.attacker, x_q,
+          jnp.broadcast_to(attacker_lr, (rows,)))
+      attacked = (attacker, m)
     loss, aux = losses.server_loss(net, cfg.loss_form, cfg.temperature,
                                    with_params(server.online, server_params), s_momentum,
                                    concat_clients(a_q, p), concat_clients(a_k, p), queue, p)
-    return loss, (online, aux)
+    if attacked is None:
+      return loss, (online, aux, loss, None)
+    return loss + jnp.sum(attacked[1]['regulariser_penalty'][:p]), (online, aux, loss, attacked)
 
-  (loss, (online, aux)), (g_clients, g_server) = jax.value_and_grad(
+  (_, (online, aux, loss, attacked)), (g_clients, g_server) = jax.value_and_grad(
       loss_fn, argnums=(0, 1), has_aux=True)(clients.online['params'], server.online['params'])
 
   # SGD on both sides; the server enqueues this step's keys.
@@ -82,6 +99,8 @@ def train_step(net, cfg: StepConfig, state: TrainState, views_q: jax.Array, view
       online, clients.opt_state, g_clients, client_lrs)
   clients = clients.replace(online=online, momentum=momentum, opt_state=opt_state,
                             count=clients.count + 1, draws=clients.draws + 1)
+  if attacked is not None:
+    clients = clients.replace(attacker=attacked[0])
 
   # Every few steps: FedAvg of the pool's clients (MonAcoSFL: their momentum nets too).
   synced = sync_now(cfg, batch_idx, sync)
@@ -91,6 +110,8 @@ def train_step(net, cfg: StepConfig, state: TrainState, views_q: jax.Array, view
                  server_lr=server_lr, client_lr=jnp.mean(client_lrs[:p]),
                  client_lrs=client_lrs[:p], synced=synced.astype(precision.float_dtype()),
                  **divergences)
+  if attacked is not None:
+    metrics.update(attacker_lr=attacker_lr, **ressfl.pool_means(attacked[1], p))
   return state.replace(clients=clients, server=server), metrics
 
 
@@ -101,8 +122,12 @@ def split_train_step(net, cfg: StepConfig, state: TrainState, views_q: jax.Array
   client's backward, as separate functions (parties.client_send / server_step /
   client_receive), vmapped over the pool. Same results as `train_step` up to float rounding.
 
-  keep_residual=False makes clients recompute their forward in `client_receive`.
+  keep_residual=False makes clients recompute their forward in `client_receive`. TAResSFL's
+  simulated attacker (cfg.ressfl) runs in `train_step` only and is refused here.
   """
+  if cfg.ressfl is not None:
+    raise ValueError('split_train_step does not run the simulated attacker (cfg.ressfl); use '
+                     'step.train_step, or a StepConfig with ressfl=None.')
   clients, server, tx = state.clients, state.server, state.tx
   a_q, a_k, online, momentum, residual = jax.vmap(
       functools.partial(parties.client_send, net, cfg))(clients.online, clients.momentum,

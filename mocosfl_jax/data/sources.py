@@ -68,6 +68,10 @@ FOLDER_DATASETS = {
 FOLDER_SPLITS = {"train": "train", "test": "val"}
 OTHER_DATASETS = ("digits", "synthetic")
 DATASETS = tuple(TFDS_DATASETS) + tuple(FOLDER_DATASETS) + OTHER_DATASETS
+# Unlabelled, training split only: usable as an auxiliary set (config.aux_dataset), not as the
+# dataset a run is evaluated on.
+AUX_ONLY_DATASETS = ("sample_photos",)
+SAMPLE_PHOTOS_CROPS = 2048
 _IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp")
 
 
@@ -375,6 +379,39 @@ def _load_synthetic(split: str, image_size, n=None, num_classes=10, seed=0, nois
                       "synthetic")
 
 
+@functools.lru_cache(maxsize=4)
+def _sample_photo_crops(size: int, n: int, seed: int = 0) -> np.ndarray:
+  """n seeded random square crops of scikit-learn's two sample photographs, resized to size.
+
+  Crop sides are uniform between a tenth and all of the photo's height (427 px), positions
+  uniform, the photo chosen at random; PIL bilinear resize (antialiased when shrinking).
+  """
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from sklearn.datasets import load_sample_images  # pylint: disable=g-import-not-at-top
+  photos = [Image.fromarray(np.asarray(p, np.uint8)) for p in load_sample_images().images]
+  rng = np.random.default_rng([seed, size, n])
+  out = np.empty((n, size, size, 3), np.uint8)
+  for i in range(n):
+    photo = photos[int(rng.integers(len(photos)))]
+    w, h = photo.size
+    side = int(rng.integers(max(size, h // 10), h + 1))
+    left, top = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
+    crop = photo.crop((left, top, left + side, top + side))
+    out[i] = np.asarray(crop.resize((size, size), Image.BILINEAR))
+  out.setflags(write=False)
+  return out
+
+
+def _load_sample_photos(image_size):
+  """`sample_photos`: unlabelled crops of the photographs that ship with scikit-learn (china.jpg,
+  flower.jpg), an offline auxiliary set disjoint from digits; mean / std of its own pixels."""
+  size = image_size or 32
+  images = _sample_photo_crops(size, SAMPLE_PHOTOS_CROPS)
+  pixels = images.reshape(-1, 3).astype(np.float64) / 255.0
+  return ArrayDataset(images, np.full(len(images), -1, np.int32), 0, pixels.mean(0),
+                      pixels.std(0), size, "sample_photos")
+
+
 def valid_splits(name: str) -> tuple[str, ...]:
   if name in TFDS_DATASETS:
     return tuple(TFDS_DATASETS[name].splits)
@@ -382,7 +419,10 @@ def valid_splits(name: str) -> tuple[str, ...]:
     return tuple(FOLDER_SPLITS)
   if name in OTHER_DATASETS:
     return ("train", "test")
-  raise ValueError(f"dataset={name!r} is unknown; valid: {', '.join(DATASETS)}")
+  if name in AUX_ONLY_DATASETS:
+    return ("train",)
+  raise ValueError(f"dataset={name!r} is unknown; valid: "
+                   f"{', '.join(DATASETS + AUX_ONLY_DATASETS)}")
 
 
 def load(name: str, split: str, *, data_dir=None, image_size: int | None = None,
@@ -391,7 +431,8 @@ def load(name: str, split: str, *, data_dir=None, image_size: int | None = None,
 
   Args:
     name: one of `DATASETS` ('cifar10', 'cifar100', 'svhn', 'stl10', 'tiny_imagenet',
-      'imagenet12', 'digits', 'synthetic').
+      'imagenet12', 'digits', 'synthetic') or `AUX_ONLY_DATASETS` ('sample_photos': unlabelled
+      crops of scikit-learn's sample photographs, 'train' only).
     split: see `valid_splits(name)`; always 'train' and 'test' ('test' is val/ for image folders).
       stl10: 'train' = train+unlabelled (CIFAR-10 constants, as the reference's SSL loader),
       'train_labeled', 'test', 'unlabelled' (STL constants).
@@ -416,6 +457,8 @@ def load(name: str, split: str, *, data_dir=None, image_size: int | None = None,
     return _load_folder(name, split, data_dir, image_size)
   if name == "digits":
     return _load_digits(split, image_size)
+  if name == "sample_photos":
+    return _load_sample_photos(image_size)
   return _load_synthetic(split, image_size, **kwargs)
 
 

@@ -34,6 +34,9 @@ _PLOT_GROUPS = {
     "positive_logit": lambda k: k.startswith("pos_logit"),
     "sync": lambda k: k == "synced",
     "speed": lambda k: k in ("steps_per_sec", "eval_seconds"),
+    # TAResSFL (algorithm/ressfl.py): the simulated attacker's SSIM and the regulariser's state.
+    "attacker_ssim": lambda k: k.endswith("_ssim"),
+    "regulariser": lambda k: k.startswith("regulariser_"),
 }
 NOT_PLOTTED = ("epoch",)
 
@@ -187,8 +190,8 @@ def _series(records: list[dict]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 def plot_metrics(run_dir, out_dir=None) -> list[Path]:
   """Writes one PNG per metric group present (loss, contrastive accuracy, learning rates, kNN
-  accuracy, divergence, positive logit, sync, speed) to `out_dir` (default
-  `<run_dir>/plots`); returns the written paths."""
+  accuracy, divergence, positive logit, sync, speed, attacker SSIM, regulariser) to `out_dir`
+  (default `<run_dir>/plots`); returns the written paths."""
   import matplotlib
   matplotlib.use("Agg", force=True)
   import matplotlib.pyplot as plt

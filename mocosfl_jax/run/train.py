@@ -61,16 +61,31 @@ class NonFiniteLossError(FloatingPointError):
   pass
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 11), donate_argnums=(3,))
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 11, 13), donate_argnums=(3,))
 def simulated_step(net, cfg: plan.StepConfig, aug: experiment_lib.AugSpec, state: TrainState,
                    images: sampler.TrainImages, table, data_key, aug_key, pool, epoch, batch_idx,
-                   par=None):
-  """Batch indices -> gather -> two views -> the training step, in one compiled call."""
+                   par=None, aux=None, aux_spec: experiment_lib.AuxSpec | None = None):
+  """Batch indices -> gather -> two views -> the training step, in one compiled call.
+
+  With an auxiliary set (`aux` = (TrainImages, ClientTable), `aux_spec` static) every client's
+  rows are its B training images (none when `table` is None) then B auxiliary ones, each drawn
+  from its own stream at the client's draw counter and normalised with its own constants.
+  """
   ids = jnp.arange(cfg.num_clients, dtype=jnp.int32) if pool is None else pool
-  batch = images.batch(table, ids, state.clients.draws[ids], cfg.batch_size, data_key)
-  views_q, views_k = augment.two_views(jax.random.fold_in(aug_key, state.server.step), batch,
-                                       jnp.asarray(aug.mean), jnp.asarray(aug.std), aug.pipeline,
-                                       crop_scale=aug.crop_scale)
+  b = cfg.batch_size if aux_spec is None else aux_spec.batch_size
+  step_key = jax.random.fold_in(aug_key, state.server.step)
+  views = []
+  if table is not None:
+    batch = images.batch(table, ids, state.clients.draws[ids], b, data_key)
+    views.append(augment.two_views(step_key, batch, jnp.asarray(aug.mean), jnp.asarray(aug.std),
+                                   aug.pipeline, crop_scale=aug.crop_scale))
+  if aux is not None:
+    aux_images, aux_table, a = aux[0], aux[1], aux_spec.aug
+    batch = aux_images.batch(aux_table, ids, state.clients.draws[ids], b,
+                             jax.random.fold_in(data_key, 1))
+    views.append(augment.two_views(jax.random.fold_in(step_key, 1), batch, jnp.asarray(a.mean),
+                                   jnp.asarray(a.std), a.pipeline, crop_scale=a.crop_scale))
+  views_q, views_k = (jnp.concatenate(v, axis=1) for v in zip(*views))
   return parallel.train_step_fn(net, cfg, state, pool, views_q, views_k, epoch, batch_idx,
                                 par=par)
 
@@ -237,9 +252,14 @@ def _run(exp, net, workdir: Path, primary: bool) -> dict:
   state = parallel.create_train_state(net, cfg, init_key, mesh=mesh)
   images = (parallel.place_images_by_client(exp.train.images, exp.parts, mesh) if mesh
             else sampler.TrainImages.flat(exp.train.images))
+  aux_images = None
+  if exp.aux is not None:      # data_proportion 0: the training images are never drawn
+    images = images if exp.aux.spec.with_target else None
+    aux_images = (parallel.place_images_by_client(exp.aux.train.images, exp.aux.parts, mesh)
+                  if mesh else sampler.TrainImages.flat(exp.aux.train.images))
   held = {k: parallel.addressable_bytes(v) for k, v in
           (("client_state", state.clients), ("server_state", state.server),
-           ("train_images", images))}
+           ("train_images", images), ("aux_images", aux_images))}
   logging.info("process %d holds on its devices (bytes): %s", jax.process_index(),
                json.dumps(held))
 
@@ -286,7 +306,8 @@ def _run(exp, net, workdir: Path, primary: bool) -> dict:
   try:
     state, last_eval = _train_loop(exp, net, state, start, images, ckpt, writer,
                                    keys=(data_key, aug_key, pool_key), window=window,
-                                   evaluate_and_save=evaluate_and_save, save=save)
+                                   evaluate_and_save=evaluate_and_save, save=save,
+                                   aux_images=aux_images)
     if last_eval is None:  # resumed at the end: the last evaluation is not in memory
       last_eval = monitor(state.clients, state.server)
     results = _final_report(exp, monitor, ckpt, state, last_eval, workdir)
@@ -314,14 +335,22 @@ def _run(exp, net, workdir: Path, primary: bool) -> dict:
 
 
 def _train_loop(exp, net, state, start, images, ckpt, writer, *, keys, window, evaluate_and_save,
-                save):
+                save, aux_images=None):
   """Runs steps start..num_steps; returns (state, the last step's evaluation record or None).
 
   `window`: the metric window the checkpoint at `start` was written in (None: empty).
+  `aux_images`: the auxiliary set's TrainImages when the run has one.
   """
   data_key, aug_key, pool_key = keys
   cfg, config = exp.step, exp.config
-  table = sampler.ClientTable.from_partition(exp.parts, cfg.batch_size)
+  aux, aux_spec = None, None
+  if exp.aux is None:
+    table = sampler.ClientTable.from_partition(exp.parts, cfg.batch_size)
+  else:                        # B images of each set per client and step
+    aux_spec = exp.aux.spec
+    table = (sampler.ClientTable.from_partition(exp.parts, aux_spec.batch_size)
+             if aux_spec.with_target else None)
+    aux = (aux_images, sampler.ClientTable.from_partition(exp.aux.parts, aux_spec.batch_size))
   progress = metrics.Progress(exp.num_steps, every=config.log_every_steps)
   window = MetricWindow(window)
   logging.info("Initial compilation, this might take a few minutes...")
@@ -349,7 +378,7 @@ def _train_loop(exp, net, state, start, images, ckpt, writer, *, keys, window, e
     elif pool is None or b == 0:
       pool = plan.sample_pool(pool_key, epoch, cfg.num_clients, cfg.pool_size)
     state, m = simulated_step(net, cfg, exp.aug, state, images, table, data_key, aug_key, pool,
-                              jnp.int32(epoch), jnp.int32(b), exp.par)
+                              jnp.int32(epoch), jnp.int32(b), exp.par, aux, aux_spec)
     window.add(s, m)
     done = s + 1
     last = done == exp.num_steps
