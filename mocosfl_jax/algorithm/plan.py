@@ -74,6 +74,12 @@ class StepConfig:
     self.validate()
 
   @property
+  def frozen_clients(self) -> bool:
+    """c_lr == 0: the clients never train (TAResSFL's deployment). The step skips their
+    backward and optimizer (algorithm/step.py), and FedAvg keeps their params."""
+    return self.c_lr == 0
+
+  @property
   def rows_per_client(self) -> int:
     """Rows each client sends per step: 2B for the two-view form ([q;k]), else B."""
     return 2 * self.batch_size if self.loss_form == 'two_view' else self.batch_size
