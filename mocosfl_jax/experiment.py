@@ -23,6 +23,7 @@ from mocosfl_jax.data import sources
 from mocosfl_jax.models import SplitConfig, num_layers, validate as validate_model
 
 AUGMENTATIONS = ("mocov2", "mocov1", "none")
+INIT_MOMENTUM = ("copy", "random")
 FINAL_PROTOCOLS = ("knn", "linear", "semi")
 
 
@@ -92,6 +93,9 @@ def check_fields(c: ml_collections.ConfigDict, *, strict: bool = True) -> None:
                 "eval_batch_size"):
     _need(isinstance(c[field], int) and c[field] >= 1, field, c[field], "must be an int >= 1")
   _need(c.knn_t > 0, "knn_t", c.knn_t, "must be > 0")
+  config_lib.parse_init_from(c.init_from)   # the form only; run/init_from.py reads the run
+  _need(c.init_momentum in INIT_MOMENTUM, "init_momentum", c.init_momentum,
+        f"valid: {', '.join(INIT_MOMENTUM)}")
   if strict:
     check_nothing_ignored(c)
 
@@ -114,6 +118,9 @@ def check_nothing_ignored(c: ml_collections.ConfigDict) -> None:
   _need(not c.auto_adjust or c.sample_ratio == 1.0, "sample_ratio", c.sample_ratio,
         "auto_adjust sets the sampling ratio from num_clients (0.5 for 200 clients, 0.1 for "
         "1000); drop sample_ratio or set auto_adjust=False")
+  _need(c.init_momentum == defaults.init_momentum or c.init_from, "init_momentum",
+        c.init_momentum, "only a warm start uses it (what the momentum nets start from); set "
+        "init_from=DIR or drop init_momentum")
 
 
 def _as_config_error(fn, *args, **kwargs):
