@@ -52,6 +52,9 @@ for clients, cut, dataset in itertools.product((5, 20, 200), (1, 5, 9), ("cifar1
   for sync in (1, 0):
     CASES.append(("monacosfl", f"clients={clients},cut={cut},dataset={dataset},"
                   f"sync_momentum={sync}", MONACOSFL[clients]))
+for cut, noniid in itertools.product((1, 2), (1.0, 0.2)):
+  CASES.append(("taressfl_deploy", f"expert=runs/expert,cut={cut},noniid={noniid}",
+                MOCOSFL[100]))
 for noniid in (1.0, 0.2):
   CASES.append(("vgg13", f"noniid={noniid}", MOCOSFL[100]))
   CASES.append(("mobilenetv2", f"paper=mocosfl,noniid={noniid}", MOCOSFL[100]))
