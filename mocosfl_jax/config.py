@@ -70,6 +70,12 @@ def get_config():
   c.ressfl_target_ssim = 0.6      # no penalty while the attacker's SSIM stays at or below this
   c.attacker_decoder = "res_normN4C64"   # res_normN<blocks>C<channels>; GroupNorm + WS below
                                          # batch_size 20, else BatchNorm (as the reference)
+  # Warm start (a new run only: a run resumed in its own workdir continues from its checkpoint).
+  c.init_from = ""                # "" | DIR | DIR:STEP | DIR:best | DIR:latest: every client
+                                  # starts from that run's client 0, the server from its server
+                                  # (the reference's --initialze_path / --load_server)
+  c.init_momentum = "copy"        # copy: momentum nets start as the loaded online nets | random:
+                                  # they keep this run's random init (the reference, with init_from)
   # Parallelism (parallel.py; speed and memory only, never the numbers).
   c.client_parallel = "vmap"      # vmap (one device) | shard_map (pool over every device)
   c.client_chunk = 0              # 0: all clients at once; k: lax.map over chunks of k clients
@@ -100,6 +106,35 @@ def parse_arg(arg: str | None, defaults: dict) -> dict:
       raise ValueError(f"config argument {key!r} is unknown; valid: {sorted(defaults)}")
     out[key] = type(defaults[key])(value)
   return out
+
+
+INIT_FROM_STEPS = ("latest", "best")
+
+
+def parse_init_from(value: str):
+  """config.init_from -> None ('') or (run directory, step: an int, 'latest' or 'best').
+
+  The text after the last ':' names the checkpoint; a directory whose name holds ':' needs an
+  explicit ':latest'. Malformed values are a ValueError naming the field and the forms.
+  """
+  forms = "'' (off), 'DIR', 'DIR:STEP', 'DIR:best' or 'DIR:latest'"
+  if not isinstance(value, str):
+    raise ValueError(f"config.init_from={value!r}: must be a string, one of {forms}")
+  if value == "":
+    return None
+  directory, colon, step = value.rpartition(":")
+  if not colon:
+    directory, step = value, "latest"
+  if not directory.strip() or directory != directory.strip():
+    raise ValueError(f"config.init_from={value!r}: no run directory (or spaces around it); "
+                     f"valid: {forms}")
+  if step in INIT_FROM_STEPS:
+    return directory, step
+  if step.isascii() and step.isdigit():
+    return directory, int(step)
+  raise ValueError(f"config.init_from={value!r}: {step!r} after the last ':' is not a step "
+                   f"number, 'best' or 'latest'; valid: {forms} (a directory whose name holds ':' "
+                   "needs ':latest' after it)")
 
 
 def with_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -25,6 +25,7 @@ from mocosfl_jax.models import SplitConfig, build, num_layers, validate as valid
 from mocosfl_jax.privacy import decoder as decoder_lib
 
 AUGMENTATIONS = ("mocov2", "mocov1", "none")
+INIT_MOMENTUM = ("copy", "random")
 FINAL_PROTOCOLS = ("knn", "linear", "semi", "attack")
 
 
@@ -131,6 +132,9 @@ def check_fields(c: ml_collections.ConfigDict, *, strict: bool = True) -> None:
   _need(0.0 <= c.ressfl_target_ssim < 1.0, "ressfl_target_ssim", c.ressfl_target_ssim,
         "must be in [0, 1) (0: the penalty always applies)")
   _as_config_error(_attacker_decoder, c.attacker_decoder)
+  config_lib.parse_init_from(c.init_from)   # the form only; run/init_from.py reads the run
+  _need(c.init_momentum in INIT_MOMENTUM, "init_momentum", c.init_momentum,
+        f"valid: {', '.join(INIT_MOMENTUM)}")
   if strict:
     check_nothing_ignored(c)
 
@@ -160,6 +164,9 @@ def check_nothing_ignored(c: ml_collections.ConfigDict) -> None:
   for field in ("ressfl_alpha", "ressfl_target_ssim", "attacker_decoder"):
     _need(c.ressfl or c[field] == defaults[field], field, c[field],
           "only TAResSFL's simulated attacker uses it; set ressfl=True or drop it")
+  _need(c.init_momentum == defaults.init_momentum or c.init_from, "init_momentum",
+        c.init_momentum, "only a warm start uses it (what the momentum nets start from); set "
+        "init_from=DIR or drop init_momentum")
 
 
 def _attacker_decoder(name: str) -> None:

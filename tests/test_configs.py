@@ -11,6 +11,8 @@ from mocosfl_jax.models import SplitConfig, build
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 FILES = sorted(p for p in CONFIG_DIR.glob("*.py") if p.name != "__init__.py")
+# Configs that cannot run without an argument (a run to start from) get one here.
+REQUIRED_ARGS = {"taressfl_deploy": "expert=runs/expert"}
 
 
 def _load(path):
@@ -24,7 +26,8 @@ def _load(path):
 def test_config_file_is_valid(path):
   module = _load(path)
   assert module.__doc__ and "python -m mocosfl_jax.main" in module.__doc__
-  config = module.get_config()
+  arg = REQUIRED_ARGS.get(path.stem)
+  config = module.get_config(arg) if arg else module.get_config()
   experiment.check_fields(config)
   build(SplitConfig(arch=config.arch, cut=config.cut, width=config.width, head=config.head,
                     bottleneck=config.bottleneck,
@@ -47,3 +50,24 @@ def test_paper_settings_follow_the_reference():
 def test_config_arguments_are_checked():
   with pytest.raises(ValueError, match=r"config argument 'clinets' is unknown; valid"):
     config.parse_arg("clinets=5", {"clients": 5})
+
+
+def test_taressfl_deployment_follows_the_reference_and_needs_its_expert():
+  module = _load(CONFIG_DIR / "taressfl_deploy.py")
+  with pytest.raises(ValueError, match=r"expert=DIR is required: the run whose client 0 and "
+                     r"server the deployment starts from"):
+    module.get_config()
+  c = module.get_config("expert=runs/e:best,cut=1,noniid=1.0,momentum=random")
+  assert (c.init_from, c.init_momentum, c.cut, c.noniid_ratio) == ("runs/e:best", "random", 1,
+                                                                   1.0)
+  assert (c.c_lr, c.lr, c.num_clients, c.auto_adjust, c.bottleneck, c.arch, c.head,
+          c.dataset, c.seed) == (0.0, 0.001, 100, True, "C4S2", "resnet18", "V2", "cifar10", 1234)
+  # The offline variant is the quickstart's model with the bottleneck, so a quickstart run
+  # trained with --config.bottleneck=C4S2 is an expert it accepts (init_from.MODEL_FIELDS).
+  digits = module.get_config("expert=runs/e,digits=1")
+  expert = _load(CONFIG_DIR / "quickstart.py").get_config()
+  expert.bottleneck = "C4S2"
+  fields = ("arch", "cut", "bottleneck", "width", "ws", "c_residual", "head", "image_size",
+            "dataset")
+  assert [digits[f] for f in fields] == [expert[f] for f in fields]
+  assert (digits.c_lr, digits.lr, digits.num_clients) == (0.0, 0.001, 20)

@@ -59,6 +59,9 @@ for cut, dp in itertools.product((1, 2, 3), (0.0, 0.005, 0.01)):
                                                           200)))
 for arg in ("alpha=1.0,ssim=0.5", "alpha=4.0"):
   CASES.append(("taressfl_expert", arg, (391, 391, 78_200, 256, 200)))
+for cut, noniid in itertools.product((1, 2), (1.0, 0.2)):
+  CASES.append(("taressfl_deploy", f"expert=runs/expert,cut={cut},noniid={noniid}",
+                MOCOSFL[100]))
 for noniid in (1.0, 0.2):
   CASES.append(("vgg13", f"noniid={noniid}", MOCOSFL[100]))
   CASES.append(("mobilenetv2", f"paper=mocosfl,noniid={noniid}", MOCOSFL[100]))

@@ -130,7 +130,8 @@ def client_send(net, cfg: StepConfig, online_vars: dict, momentum_vars: dict, x_
   Returns:
     (smashed_q, smashed_k, online_vars (running stats updated), momentum_vars, residual): the
     residual is the VJP of the online forward w.r.t. params; keep it for `client_receive`, or
-    pass None there to recompute the forward.
+    pass None there to recompute the forward. Frozen clients (cfg.c_lr == 0) build no VJP
+    (residual None) and take no `client_receive`.
   """
   xin_q, xin_k = losses.client_inputs(cfg.loss_form, x_q, x_k)
 
@@ -138,7 +139,11 @@ def client_send(net, cfg: StepConfig, online_vars: dict, momentum_vars: dict, x_
     smashed, new_vars = client_forward(net, with_params(online_vars, params), xin_q)
     return smashed, new_vars['batch_stats']
 
-  smashed_q, residual, stats = jax.vjp(fwd, online_vars['params'], has_aux=True)
+  if cfg.frozen_clients:
+    smashed_q, stats = fwd(online_vars['params'])
+    residual = None
+  else:
+    smashed_q, residual, stats = jax.vjp(fwd, online_vars['params'], has_aux=True)
   online_vars = dict(online_vars, batch_stats=stats)
   smashed_k, momentum_vars = client_keys(net, cfg.tau, momentum_vars, online_vars, xin_k)
   return smashed_q, smashed_k, online_vars, momentum_vars, residual
@@ -154,7 +159,8 @@ def server_step(net, cfg: StepConfig, tx: optax.GradientTransformation, server: 
     epoch: 0-based epoch (server learning rate).
 
   Returns:
-    (server, grad [P, B', ...] = dL/dsmashed_q per pool position, metrics).
+    (server, grad [P, B', ...] = dL/dsmashed_q per pool position, metrics); grad is None for
+    frozen clients (cfg.c_lr == 0): they take no gradient.
   """
   pool = jnp.asarray(pool, jnp.int32)
   p = smashed_q.shape[0]
@@ -165,8 +171,13 @@ def server_step(net, cfg: StepConfig, tx: optax.GradientTransformation, server: 
                               with_params(server.online, s_params), s_momentum,
                               concat_clients(a_q, p), concat_clients(smashed_k, p), queue, p)
 
-  (loss, aux), (g_a, g_s) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
-      smashed_q, server.online['params'])
+  if cfg.frozen_clients:
+    (loss, aux), g_s = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)(
+        smashed_q, server.online['params'])
+    g_a = None
+  else:
+    (loss, aux), (g_a, g_s) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
+        smashed_q, server.online['params'])
   server, lr = server_update(cfg, tx, server, aux, g_s, epoch, pool)
   metrics = dict(loss=loss, contrastive_acc=aux['acc'], pos_logit_mean=aux['pos'], server_lr=lr)
   return server, g_a, metrics

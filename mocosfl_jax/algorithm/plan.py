@@ -120,6 +120,12 @@ class StepConfig:
     self.validate()
 
   @property
+  def frozen_clients(self) -> bool:
+    """c_lr == 0: the clients never train (TAResSFL's deployment). The step skips their
+    backward and optimizer (algorithm/step.py), and FedAvg keeps their params."""
+    return self.c_lr == 0
+
+  @property
   def rows_per_client(self) -> int:
     """Rows each client sends per step: 2B for the two-view form ([q;k]), else B."""
     return 2 * self.batch_size if self.loss_form == 'two_view' else self.batch_size
@@ -161,6 +167,9 @@ class StepConfig:
     need(0.0 <= self.tau <= 1.0, f'tau={self.tau!r} must be in [0, 1].')
     need(self.lr >= 0, f'lr={self.lr!r} must be >= 0.')
     need(self.c_lr >= 0, f'c_lr={self.c_lr!r} must be >= 0 (None means lr).')
+    need(self.ressfl is None or self.c_lr > 0,
+         'ressfl with c_lr=0: the regulariser trains the client slice, and frozen clients never '
+         'train; use c_lr > 0 (the expert), or drop ressfl (the frozen deployment).')
     need(0.0 <= self.momentum < 1.0, f'momentum={self.momentum!r} must be in [0, 1).')
     need(self.weight_decay >= 0, f'weight_decay={self.weight_decay!r} must be >= 0.')
     need(self.steps_per_epoch // self.avg_freq >= 1,

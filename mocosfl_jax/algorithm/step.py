@@ -12,6 +12,10 @@ backward followed by each client's backward), both sides take an SGD step, and e
 the pool's clients are averaged (sync.py). One compiled step serves sync and non-sync steps.
 With `cfg.ressfl` every pool client's simulated attacker takes its step right after the client's
 forward and the regulariser's penalties join the loss (algorithm/ressfl.py).
+Frozen clients (c_lr = 0, TAResSFL's deployment) take no backward and no SGD step: the gradient
+is the server's alone, and their params stay bit-identical, syncs included (their BatchNorm
+running statistics still follow the batches and are averaged, as the reference's frozen clients
+run in train mode).
 
 Step order, the three loss forms and where we differ from the reference on purpose (batch
 shuffle dropped, FedAvg of exactly the pool, per-client queues indexed by pool position) are
@@ -69,34 +73,48 @@ def train_step(net, cfg: StepConfig, state: TrainState, views_q: jax.Array, view
   # Server: W' follows W; the loss sees the queue as it was before this step.
   s_momentum, queue = parties.server_prepare(cfg, server, pool)
 
+  def server_loss(a_q, server_params):
+    # The server concatenates all clients' smashed data.
+    return losses.server_loss(net, cfg.loss_form, cfg.temperature,
+                              with_params(server.online, server_params), s_momentum,
+                              concat_clients(a_q, p), concat_clients(a_k, p), queue, p)
+
   def loss_fn(client_params, server_params):
-    # Clients encode the query views; the server concatenates all clients' smashed data.
-    attacked = None
+    # Clients encode the query views.
     if cfg.ressfl is None:
       a_q, online = map_clients(par, functools.partial(parties.client_forward, net),
                                 with_params(clients.online, client_params), x_q)
-    else:  # each client's attacker steps on its smashed data; the regulariser's penalty
-      a_q, online, attacker, m = map_clients(    # differentiates w.r.t. that client only
-          par, functools.partial(ressfl.client_forward,
-                                 functools.partial(parties.client_forward, net), cfg.ressfl),
-          with_params(clients.online, client_params), clients.attacker, x_q,
-          jnp.broadcast_to(attacker_lr, (rows,)))
-      attacked = (attacker, m)
-    loss, aux = losses.server_loss(net, cfg.loss_form, cfg.temperature,
-                                   with_params(server.online, server_params), s_momentum,
-                                   concat_clients(a_q, p), concat_clients(a_k, p), queue, p)
-    if attacked is None:
+      loss, aux = server_loss(a_q, server_params)
       return loss, (online, aux, loss, None)
-    return loss + jnp.sum(attacked[1]['regulariser_penalty'][:p]), (online, aux, loss, attacked)
+    # Each client's attacker steps on its smashed data; the regulariser's penalty
+    # differentiates w.r.t. that client only.
+    a_q, online, attacker, m = map_clients(
+        par, functools.partial(ressfl.client_forward,
+                               functools.partial(parties.client_forward, net), cfg.ressfl),
+        with_params(clients.online, client_params), clients.attacker, x_q,
+        jnp.broadcast_to(attacker_lr, (rows,)))
+    loss, aux = server_loss(a_q, server_params)
+    penalty = jnp.sum(m['regulariser_penalty'][:p])
+    return loss + penalty, (online, aux, loss, (attacker, m))
 
-  (_, (online, aux, loss, attacked)), (g_clients, g_server) = jax.value_and_grad(
-      loss_fn, argnums=(0, 1), has_aux=True)(clients.online['params'], server.online['params'])
-
-  # SGD on both sides; the server enqueues this step's keys.
-  server, server_lr = parties.server_update(cfg, tx, server, aux, g_server, epoch, pool)
   client_lrs = parties.client_lrs(cfg, clients, epoch)
-  online, opt_state = jax.vmap(functools.partial(parties.client_update, tx))(
-      online, clients.opt_state, g_clients, client_lrs)
+  if cfg.frozen_clients:
+    # c_lr = 0: no client backward and no client SGD. The forward builds no VJP, the gradient
+    # is the server's alone, params and optimizer states stay as they are (bit for bit).
+    a_q, online = map_clients(par, functools.partial(parties.client_forward, net),
+                              clients.online, x_q)
+    (loss, aux), g_server = jax.value_and_grad(server_loss, argnums=1, has_aux=True)(
+        a_q, server.online['params'])
+    opt_state, attacked = clients.opt_state, None    # ressfl needs trainable clients
+  else:
+    (_, (online, aux, loss, attacked)), (g_clients, g_server) = jax.value_and_grad(
+        loss_fn, argnums=(0, 1), has_aux=True)(clients.online['params'],
+                                               server.online['params'])
+    online, opt_state = jax.vmap(functools.partial(parties.client_update, tx))(
+        online, clients.opt_state, g_clients, client_lrs)
+
+  # SGD on the server (and above on the clients); the server enqueues this step's keys.
+  server, server_lr = parties.server_update(cfg, tx, server, aux, g_server, epoch, pool)
   clients = clients.replace(online=online, momentum=momentum, opt_state=opt_state,
                             count=clients.count + 1, draws=clients.draws + 1)
   if attacked is not None:
@@ -104,7 +122,8 @@ def train_step(net, cfg: StepConfig, state: TrainState, views_q: jax.Array, view
 
   # Every few steps: FedAvg of the pool's clients (MonAcoSFL: their momentum nets too).
   synced = sync_now(cfg, batch_idx, sync)
-  clients, divergences = sync_lib.fedavg_if(synced, clients, cfg.momentum_sync, mask, par)
+  clients, divergences = sync_lib.fedavg_if(synced, clients, cfg.momentum_sync, mask, par,
+                                            keep_params=cfg.frozen_clients)
 
   metrics = dict(loss=loss, contrastive_acc=aux['acc'], pos_logit_mean=aux['pos'],
                  server_lr=server_lr, client_lr=jnp.mean(client_lrs[:p]),
@@ -134,13 +153,17 @@ def split_train_step(net, cfg: StepConfig, state: TrainState, views_q: jax.Array
                                                          views_q, views_k)
   server, grads, m = parties.server_step(net, cfg, tx, server, a_q, a_k, pool, epoch)
   client_lrs = parties.client_lrs(cfg, clients, epoch)
-  online, opt_state = jax.vmap(functools.partial(parties.client_receive, net, cfg, tx))(
-      online, clients.opt_state, views_q, views_k, grads, client_lrs,
-      residual if keep_residual else None)
+  if cfg.frozen_clients:   # c_lr = 0: no gradient came back, nothing to pull back
+    opt_state = clients.opt_state
+  else:
+    online, opt_state = jax.vmap(functools.partial(parties.client_receive, net, cfg, tx))(
+        online, clients.opt_state, views_q, views_k, grads, client_lrs,
+        residual if keep_residual else None)
   clients = clients.replace(online=online, momentum=momentum, opt_state=opt_state,
                             count=clients.count + 1, draws=clients.draws + 1)
   synced = sync_now(cfg, batch_idx, sync)
-  clients, divergences = sync_lib.fedavg_if(synced, clients, cfg.momentum_sync)
+  clients, divergences = sync_lib.fedavg_if(synced, clients, cfg.momentum_sync,
+                                            keep_params=cfg.frozen_clients)
   metrics = dict(m, client_lr=jnp.mean(client_lrs), client_lrs=client_lrs,
                  synced=synced.astype(precision.float_dtype()), **divergences)
   return state.replace(clients=clients, server=server), metrics

@@ -149,19 +149,27 @@ def fedavg_masked(par, online_pool: PyTree, momentum_pool: PyTree, mask: Optiona
 
 
 def fedavg_if(sync, clients, sync_momentum: bool, mask: Optional[jax.Array] = None,
-              par: Optional[ClientParallel] = None):
+              par: Optional[ClientParallel] = None, keep_params: bool = False):
   """FedAvg of the pool's clients (stacked ClientState rows) when `sync` is true.
 
   Every row's online variables (MonAcoSFL: and momentum variables) become the average of the
   real rows (`mask`, None = all). `lax.cond`, so one compiled step serves sync and non-sync
   steps. Returns (clients, metrics): the divergences, measured before averaging, and 0 when
   there is no sync.
+
+  keep_params (static; frozen clients, c_lr = 0): the online 'params' are left as they are and
+  only the rest (BatchNorm running statistics; MonAcoSFL: the momentum nets) is averaged.
+  Frozen clients all hold the same params (they start equal and never step), so their average
+  is the same params, but a float sum of equal values can move the last bit.
   """
   rows = jax.tree.leaves(clients.online)[0].shape[0]
 
   def do_sync(cl):
     avg_on, avg_mom, m = fedavg_masked(par, cl.online, cl.momentum, mask, sync_momentum)
-    cl = cl.replace(online=broadcast_clients(avg_on, rows))
+    online = broadcast_clients(avg_on, rows)
+    if keep_params and 'params' in online:
+      online = dict(online, params=cl.online['params'])
+    cl = cl.replace(online=online)
     if sync_momentum:
       cl = cl.replace(momentum=broadcast_clients(avg_mom, rows))
     return cl, {k: v.astype(precision.float_dtype()) for k, v in m.items()}

@@ -40,7 +40,7 @@ from mocosfl_jax.data import augment, partition as partition_lib, sampler
 from mocosfl_jax.evaluation import protocols
 from mocosfl_jax.models import build
 from mocosfl_jax.privacy import attack as attack_lib
-from mocosfl_jax.run import checkpoints, metrics, workdir_lock
+from mocosfl_jax.run import checkpoints, init_from, metrics, workdir_lock
 
 # Fields that may change when a run is resumed (they do not change the trajectory).
 RESUMABLE_CHANGES = {"log_every_steps", "eval_every_steps", "checkpoint_every_steps",
@@ -226,13 +226,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   saved = _saved_config(workdir)
   if saved is not None:
     check_resumable(saved, config_dict, workdir)
+  # A new run reads its warm start now (refusals before anything is written); a resumed one
+  # continues from its own checkpoint.
+  warm = init_from.load(config.init_from, exp.model) if saved is None else None
 
   workdir.mkdir(parents=True, exist_ok=True)
   with workdir_lock.hold(workdir) if primary else contextlib.nullcontext():
-    return _run(exp, net, workdir, primary)
+    return _run(exp, net, workdir, primary, warm)
 
 
-def _run(exp, net, workdir: Path, primary: bool) -> dict:
+def _run(exp, net, workdir: Path, primary: bool, warm=None) -> dict:
   config, cfg, par = exp.config, exp.step, exp.par
   config_dict = config.to_dict()
   if primary:
@@ -273,6 +276,8 @@ def _run(exp, net, workdir: Path, primary: bool) -> dict:
     state = state.replace(**restored.state)
     start, window = restored.step, restored.meta.get("metric_window")
     logging.info("resumed from step %d in %s", start, ckpt.directory)
+  elif warm is not None:
+    state = init_from.apply(state, warm, config.init_momentum)
   writer = (metrics.MetricsWriter(workdir, resume_step=start if start else None) if primary
             else metrics.MetricsWriter.null())
   meta = {"config": config_dict, "model": exp.model.to_dict(),
