@@ -30,8 +30,9 @@ LR_ATTACKER = 1e-3 * 0.2
 
 @contextlib.contextmanager
 def _fast_compile():
-  """XLA with most optimisations off, for the step tests only: their executables are theirs
-  alone (the flag is not part of JAX's jit cache key, so the training run compiles without it)."""
+  """XLA with most optimisations off: these tiny nets compile in half the time. Every test that
+  uses it compares runs compiled under it with each other or with a loop of its own, never with
+  numbers compiled without it (the flag is not part of JAX's in-memory jit cache key)."""
   prev = jax.config.values['jax_disable_most_optimizations']
   jax.config.update('jax_disable_most_optimizations', True)
   try:
@@ -240,7 +241,7 @@ def _tiny_ressfl():
   return c
 
 
-def test_run_with_the_attacker_resumes_exactly(tmp_path):
+def test_run_with_the_attacker_resumes_exactly(tmp_path, fast):
   config = _tiny_ressfl()
   full = tmp_path / 'full'
   train.train_and_evaluate(config, str(full))
