@@ -30,10 +30,10 @@ from digits), a small res_normN1C16 decoder, 10 epochs of 64 steps:
     python -m mocosfl_jax.main --config configs/taressfl_expert.py:digits=1 --workdir runs/expert_digits
 
 Expected (README, 'TAResSFL expert', which has the measured run): the attacker's SSIM held near
-0.6 from the second epoch on (0.8 with alpha=0), test kNN about 59% at the last step (67.5% with
-alpha=0); minutes on a 2-core CPU. With cut=1 the full model-inversion attack on the finished client
-still reconstructs the digits (SSIM 0.97, README, 'Privacy'; cut 2 not yet attacked): measure a
-defence with the reference's CIFAR settings above.
+0.6 from the second epoch on (0.8 with alpha=0), test kNN 59-77% at the last step in two runs (it
+swings by 30 points between epochs; 67.5% with alpha=0); minutes on a 2-core CPU. The full
+model-inversion attack on the finished client still reconstructs the digits (SSIM 0.94; 0.97
+with cut=1; README, 'Privacy'): measure a defence with the reference's CIFAR settings above.
 """
 from mocosfl_jax import config
 
