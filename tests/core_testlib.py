@@ -7,6 +7,7 @@ each side, so the step tests also cover running-stat threading and averaging (re
 no client-side BatchNorm). `load_config(name)` loads configs/<name>.py by path, as
 `python -m mocosfl_jax.main --config configs/<name>.py` does.
 """
+import contextlib
 import dataclasses
 import importlib.util
 from pathlib import Path
@@ -37,13 +38,24 @@ def load_config(name):
   return module
 
 
-@pytest.fixture(scope='module')
-def fast_compile():
-  """XLA with most optimisations off: these tiny nets compile faster, to the same numbers."""
+@contextlib.contextmanager
+def optimisations_off():
+  """XLA with most optimisations off: tiny nets compile faster. The flag is not part of JAX's
+  in-memory jit cache key, so a test under it compares its numbers only with numbers compiled
+  under it too, or with a loop of its own."""
   prev = jax.config.values['jax_disable_most_optimizations']
   jax.config.update('jax_disable_most_optimizations', True)
-  yield
-  jax.config.update('jax_disable_most_optimizations', prev)
+  try:
+    yield
+  finally:
+    jax.config.update('jax_disable_most_optimizations', prev)
+
+
+@pytest.fixture(scope='module')
+def fast_compile():
+  """optimisations_off() for a whole module (through pytestmark or a module-level name)."""
+  with optimisations_off():
+    yield
 
 
 class _Client(nn.Module):

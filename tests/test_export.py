@@ -25,6 +25,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+import core_testlib
 from mocosfl_jax.deploy import client_checkpoint, onnx_export, quantize, run_client, to_onnx
 from mocosfl_jax.run import checkpoints
 from mocosfl_jax.models import SplitConfig, build
@@ -107,10 +108,8 @@ def _session(model):
 @pytest.fixture(scope="module", autouse=True)
 def fast_compile():
   """XLA with most optimisations off: the eager per-op compiles of the references get cheaper."""
-  prev = jax.config.values["jax_disable_most_optimizations"]
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", prev)
+  with core_testlib.optimisations_off():
+    yield
 
 
 # ---------------------------------------------------------------------------------------------

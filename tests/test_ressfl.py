@@ -1,6 +1,5 @@
 """TAResSFL's simulated attacker in the step: against a per-client loop, the regulariser's
 gradient, checkpoint and resume, the auxiliary data, and the refusals."""
-import contextlib
 import dataclasses
 
 import chex
@@ -9,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from core_testlib import StandInNet, copy_tree, load_config
+from core_testlib import StandInNet, copy_tree, load_config, optimisations_off
 from mocosfl_jax import experiment, parallel
 from mocosfl_jax.algorithm import losses, parties, plan, ressfl, state as state_lib, step
 from mocosfl_jax.data import sources
@@ -28,22 +27,9 @@ EPOCH = 1                                 # past the first milestone: attacker l
 LR_ATTACKER = 1e-3 * 0.2
 
 
-@contextlib.contextmanager
-def _fast_compile():
-  """XLA with most optimisations off: these tiny nets compile in half the time. Every test that
-  uses it compares runs compiled under it with each other or with a loop of its own, never with
-  numbers compiled without it (the flag is not part of JAX's in-memory jit cache key)."""
-  prev = jax.config.values['jax_disable_most_optimizations']
-  jax.config.update('jax_disable_most_optimizations', True)
-  try:
-    yield
-  finally:
-    jax.config.update('jax_disable_most_optimizations', prev)
-
-
 @pytest.fixture
 def fast():
-  with _fast_compile():
+  with optimisations_off():
     yield
 
 
@@ -78,7 +64,7 @@ def _step(net, cfg, state, seed=0, sync=False):
 def attacked(net):
   """(cfg, initial state, state after one step, metrics) with the regulariser always on."""
   cfg = plan.StepConfig(**BASE, ressfl=ATTACK)
-  with _fast_compile():
+  with optimisations_off():
     state = parallel.create_train_state(net, cfg, jax.random.key(3))
     new, m = _step(net, cfg, state)
   return cfg, state, new, m
