@@ -264,7 +264,8 @@ def test_two_process_training_run_equals_one_process(tmp_path):
     s.bind(('127.0.0.1', 0))
     port = s.getsockname()[1]
   env = {k: v for k, v in os.environ.items() if not k.startswith(('XLA_', 'JAX_', 'MOCOSFL_'))}
-  env.update(PYTHONPATH=PACKAGE_PARENT, JAX_PLATFORMS='cpu')
+  # All three runs compile with most optimisations off (they are compared with each other only).
+  env.update(PYTHONPATH=PACKAGE_PARENT, JAX_PLATFORMS='cpu', JAX_DISABLE_MOST_OPTIMIZATIONS='1')
   dist = dict(MOCOSFL_DISTRIBUTED='1', JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}',
               JAX_NUM_PROCESSES='2', JAX_CPU_COLLECTIVES_IMPLEMENTATION='gloo',
               XLA_FLAGS='--xla_force_host_platform_device_count=2')

@@ -13,6 +13,8 @@ STEPS = 16   # two kills land in it; fewer steps than the benchmark's run keep t
 
 def test_kills_inside_checkpoint_writes_leave_the_uninterrupted_runs_files(tmp_path, monkeypatch):
   monkeypatch.setattr(soak, "CONFIG", CONFIG_DIR / "tiny.py")   # the checkout's, installed or not
+  # Every run compiles with most optimisations off: they are compared with each other only.
+  monkeypatch.setenv("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
   reference = soak.finish(tmp_path / "uninterrupted", STEPS)
   assert reference.returncode == 0, reference.stderr[-2000:]
   workdir = tmp_path / "killed"
