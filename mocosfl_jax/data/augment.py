@@ -273,12 +273,27 @@ def augment(key, image, mean, std, pipeline: str = "mocov2", out_size=None,
     out_size = (height, width)
   elif isinstance(out_size, int):
     out_size = (out_size, out_size)
-  img = image.astype(jnp.float32) / 255.0
   if pipeline == "none":
     if tuple(out_size) != (height, width):
       raise ValueError(f"pipeline='none' does not resize; out_size={out_size} != {(height, width)}")
-    return normalise(img, mean, std)
+    return normalise(image.astype(jnp.float32) / 255.0, mean, std)
   u = jax.random.uniform(key, (NUM_UNIFORMS,), jnp.float32)
+  return augment_from_uniforms(u, image, mean, std, pipeline, out_size, crop_scale)
+
+
+def augment_from_uniforms(u, image, mean, std, pipeline: str = "mocov2", out_size=None,
+                          crop_scale=CROP_SCALE):
+  """`augment` with its random draws given: u is the float32 [NUM_UNIFORMS] vector `augment`
+  draws from its key (layout `_U_*`). A remote client receives these from the server, so its
+  views are those of the simulated run (deploy/remote)."""
+  height, width = image.shape[0], image.shape[1]
+  if out_size is None:
+    out_size = (height, width)
+  elif isinstance(out_size, int):
+    out_size = (out_size, out_size)
+  img = image.astype(jnp.float32) / 255.0
+  if pipeline == "none":
+    return normalise(img, mean, std)
   box = crop_box_from_uniforms(u[_U_CROP], height, width, scale=tuple(crop_scale))
   img = resized_crop(img, box, tuple(out_size), planar_out=True)  # CHW from here on
   chw = dict(channel_axis=0)
@@ -312,3 +327,12 @@ def two_views(key, images, mean, std, pipeline: str = "mocov2", out_size=None,
   out = jax.vmap(fn)(keys, jnp.concatenate([flat, flat]))
   out = out.reshape((2,) + lead + out.shape[1:])
   return out[0], out[1]
+
+
+def view_uniforms(key, lead_shape) -> jax.Array:
+  """float32 [2, *lead_shape, NUM_UNIFORMS]: the draws `two_views(key, images)` makes for images
+  of leading shape `lead_shape` (view q, then view k), for `augment_from_uniforms`."""
+  n = math.prod(lead_shape)
+  keys = jax.random.split(key, 2 * n)
+  u = jax.vmap(lambda k: jax.random.uniform(k, (NUM_UNIFORMS,), jnp.float32))(keys)
+  return u.reshape((2,) + tuple(lead_shape) + (NUM_UNIFORMS,))
