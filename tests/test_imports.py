@@ -13,7 +13,8 @@ Layers, lowest first (a module may import modules of its own layer or below):
   5  evaluation, privacy.attack               kNN, probes, features, protocols, the model-
                                               inversion attack on a checkpoint
   6  run                                      the training loop
-  7  deploy, costs                            export of the client slice, cost tables
+  7  deploy, costs, remote                    export of the client slice, cost tables, the
+                                              server's and clients' sides of remote training
   8  main, evaluate, and other commands       command-line entry points
   9  benchmarks                               speed and memory measurements of all the above
 """
@@ -42,7 +43,7 @@ LAYERS = {
     'mocosfl_jax.experiment': 4,
     'mocosfl_jax.evaluation': 5,
     'mocosfl_jax.run': 6,
-    'mocosfl_jax.deploy': 7, 'mocosfl_jax.costs': 7,
+    'mocosfl_jax.deploy': 7, 'mocosfl_jax.costs': 7, 'mocosfl_jax.remote': 7,
     'mocosfl_jax.benchmarks': 9,
 }
 COMMAND_LAYER = 8   # any other top-level module: a command (main, evaluate, ...)
@@ -170,3 +171,14 @@ def test_the_step_does_not_depend_on_the_run(module):
       todo.append(d)
   assert not {m for m in reach if m.startswith(('mocosfl_jax.run', 'mocosfl_jax.experiment',
                                                  'mocosfl_jax.evaluation'))}, reach
+
+
+def test_the_device_client_loads_no_jax():
+  """export/edge_client.py runs where only numpy, onnxruntime, grpcio and safetensors are
+  installed: its modules import no JAX (nor flax, optax, tensorflow)."""
+  code = ('import sys, mocosfl_jax.deploy.edge_client; '
+          'print(sorted({m.split(".")[0] for m in sys.modules} & '
+          '{"jax", "jaxlib", "flax", "optax", "tensorflow", "orbax"}))')
+  proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.strip() == '[]'

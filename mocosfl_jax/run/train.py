@@ -198,8 +198,13 @@ class MetricWindow:
     return out
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       make_stepper=None) -> dict:
   """Trains (resuming from the latest checkpoint in `workdir` if any) and returns the results.
+
+  `make_stepper(exp, net)`, called once the config resolves and before anything is written (it
+  may refuse the config), returns the step that replaces the simulated one (remote/steps.py's
+  RemoteStepper: a federation with remote clients).
 
   Every config field is checked, and a resume is checked against the saved config, before
   anything is written to `workdir`.
@@ -215,6 +220,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   exp = experiment_lib.resolve(config)
   config = exp.config
   net, cfg = build(exp.model), exp.step
+  stepper = None if make_stepper is None else make_stepper(exp, net)
   config_dict = config.to_dict()
   if "attack" in config.final_protocols.split(","):   # refused now, not after training
     attack_lib.check_data(_final_attack_settings(config), len(exp.train.images),
@@ -232,10 +238,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   workdir.mkdir(parents=True, exist_ok=True)
   with workdir_lock.hold(workdir) if primary else contextlib.nullcontext():
-    return _run(exp, net, workdir, primary, warm)
+    return _run(exp, net, workdir, primary, warm, stepper)
 
 
-def _run(exp, net, workdir: Path, primary: bool, warm=None) -> dict:
+def _run(exp, net, workdir: Path, primary: bool, warm=None, stepper=None) -> dict:
   config, cfg, par = exp.config, exp.step, exp.par
   config_dict = config.to_dict()
   if primary:
@@ -312,7 +318,7 @@ def _run(exp, net, workdir: Path, primary: bool, warm=None) -> dict:
     state, last_eval = _train_loop(exp, net, state, start, images, ckpt, writer,
                                    keys=(data_key, aug_key, pool_key), window=window,
                                    evaluate_and_save=evaluate_and_save, save=save,
-                                   aux_images=aux_images)
+                                   aux_images=aux_images, stepper=stepper)
     if last_eval is None:  # resumed at the end: the last evaluation is not in memory
       last_eval = monitor(state.clients, state.server)
     results = _final_report(exp, monitor, ckpt, state, last_eval, workdir)
@@ -340,11 +346,13 @@ def _run(exp, net, workdir: Path, primary: bool, warm=None) -> dict:
 
 
 def _train_loop(exp, net, state, start, images, ckpt, writer, *, keys, window, evaluate_and_save,
-                save, aux_images=None):
+                save, aux_images=None, stepper=None):
   """Runs steps start..num_steps; returns (state, the last step's evaluation record or None).
 
   `window`: the metric window the checkpoint at `start` was written in (None: empty).
   `aux_images`: the auxiliary set's TrainImages when the run has one.
+  `stepper`: when given, runs each step instead of `simulated_step`:
+  stepper(state, s, epoch, b, pool, images, table, data_key, aug_key) -> (state, metrics).
   """
   data_key, aug_key, pool_key = keys
   cfg, config = exp.step, exp.config
@@ -359,6 +367,8 @@ def _train_loop(exp, net, state, start, images, ckpt, writer, *, keys, window, e
   progress = metrics.Progress(exp.num_steps, every=config.log_every_steps)
   window = MetricWindow(window)
   logging.info("Initial compilation, this might take a few minutes...")
+  if stepper is not None:
+    stepper.start(state)
   t_last, s_last = time.time(), start
   pool = None
   last_eval = None
@@ -382,8 +392,11 @@ def _train_loop(exp, net, state, start, images, ckpt, writer, *, keys, window, e
       pool = None
     elif pool is None or b == 0:
       pool = plan.sample_pool(pool_key, epoch, cfg.num_clients, cfg.pool_size)
-    state, m = simulated_step(net, cfg, exp.aug, state, images, table, data_key, aug_key, pool,
-                              jnp.int32(epoch), jnp.int32(b), exp.par, aux, aux_spec)
+    if stepper is None:
+      state, m = simulated_step(net, cfg, exp.aug, state, images, table, data_key, aug_key, pool,
+                                jnp.int32(epoch), jnp.int32(b), exp.par, aux, aux_spec)
+    else:
+      state, m = stepper(state, s, epoch, b, pool, images, table, data_key, aug_key)
     window.add(s, m)
     done = s + 1
     last = done == exp.num_steps
