@@ -43,6 +43,8 @@ def define_flags(flag_values: flags.FlagValues, argv) -> None:
                       "part of the config's dataset.", flag_values=flag_values)
   flags.DEFINE_string("tls_ca", None, "PEM CA certificate: connect over TLS.",
                       flag_values=flag_values)
+  flags.DEFINE_float("retry_for", 300.0, "Seconds to keep retrying while the server cannot be "
+                     "reached (it may be starting or restarting).", flag_values=flag_values)
 
 
 class JaxClient:
@@ -118,6 +120,7 @@ def run(args) -> int:
   for name in ("config", "server", "client_id", "token_file"):
     if getattr(args, name) is None:
       raise ValueError(f"--{name} is required")
+  client_loop.check_address(args.server, "--server")
   exp = experiment_lib.resolve(args.config)
   net = build(exp.model)
   k = args.client_id
@@ -131,11 +134,15 @@ def run(args) -> int:
   compute = JaxClient(exp, net, images)
   limit = 1 << 30
   conn = transport.Connection(args.server, token, hard_limit_bytes=limit, tls_ca=tls_ca)
-  loop = client_loop.ClientLoop(conn, k, len(images), compute, want_model=True, max_bytes=limit)
+  loop = client_loop.ClientLoop(conn, k, len(images), compute, want_model=True, max_bytes=limit,
+                                retry_for_s=args.retry_for)
   try:
     steps = loop.run()
   except transport.RemoteError as e:
-    raise ValueError(f"the server refused this client: {e.details} ({e.code})") from None
+    raise ValueError(f"the server at {args.server} refused this client: {e.details} "
+                     f"({e.code})") from None
+  except client_loop.Unreachable as e:
+    raise ValueError(str(e)) from None
   finally:
     conn.close()
   logging.info("took part in %d steps", steps)

@@ -78,19 +78,17 @@ def _remote_ids(text: str | None) -> list[int]:
   return ids
 
 
-def _tokens(path: str | None, remote: list[int], workdir: Path) -> dict[int, str]:
-  """The tokens file's tokens, or new random ones written to workdir (kept across restarts)."""
+def _tokens(path: str | None, remote: list[int], workdir: Path) -> tuple[dict[int, str], bool]:
+  """(tokens, whether they are new): the tokens file's, the run's own from an earlier start
+  (workdir/remote_tokens.json), or new random ones (written by `_write_tokens` once the run
+  holds its workdir)."""
   if path is None:
     path = workdir / "remote_tokens.json"
     if not path.exists():
-      workdir.mkdir(parents=True, exist_ok=True)
-      fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-      with os.fdopen(fd, "w") as f:
-        json.dump({str(c): secrets.token_urlsafe(24) for c in remote}, f, indent=1)
-      logging.info("wrote new client tokens to %s (give each device its own)", path)
+      return {c: secrets.token_urlsafe(24) for c in remote}, True
   try:
     raw = json.loads(Path(path).read_text())
-    tokens = {int(k): str(v) for k, v in raw.items()}
+    tokens = {int(k): v for k, v in raw.items() if isinstance(v, str)}
   except (OSError, ValueError, AttributeError) as e:
     raise ValueError(f"--tokens {path}: cannot read a JSON object {{\"client id\": \"token\"}} "
                      f"({e})") from None
@@ -102,26 +100,56 @@ def _tokens(path: str | None, remote: list[int], workdir: Path) -> dict[int, str
     raise ValueError(f"--tokens {path}: the tokens of client(s) {short} are shorter than 16 "
                      "characters; use long random tokens (python -c 'import secrets; "
                      "print(secrets.token_urlsafe(24))')")
-  return {c: tokens[c] for c in remote}
+  return {c: tokens[c] for c in remote}, False
+
+
+def _write_tokens(workdir: Path, tokens: dict[int, str]) -> None:
+  path = workdir / "remote_tokens.json"
+  fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)   # owner-only
+  with os.fdopen(fd, "w") as f:
+    json.dump({str(c): t for c, t in tokens.items()}, f, indent=1)
+  logging.info("wrote new client tokens to %s (give each device its own)", path)
+
+
+def _listen_address(text: str) -> str:
+  host, sep, port = text.rpartition(":")
+  if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+    raise ValueError(f"--listen {text!r}: expected HOST:PORT, e.g. 127.0.0.1:50051 or "
+                     "0.0.0.0:50051 (port 0 picks a free one)")
+  return text
+
+
+def _tls_files(cert: str | None, key: str | None):
+  """(cert PEM, key PEM) bytes, checked to be a certificate and its key, or None."""
+  import ssl  # pylint: disable=g-import-not-at-top
+  if (cert is None) != (key is None):
+    raise ValueError("--tls_cert and --tls_key go together: give both, or neither")
+  if cert is None:
+    return None
+  try:
+    ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+    return Path(cert).read_bytes(), Path(key).read_bytes()
+  except (OSError, ssl.SSLError) as e:
+    raise ValueError(f"--tls_cert {cert} / --tls_key {key}: not a PEM certificate and its "
+                     f"private key ({e})") from None
 
 
 def make_stepper_factory(args, workdir: Path):
   """make_stepper(exp, net) for train_and_evaluate: checks the run suits remote clients, builds
   the coordinator, and starts the gRPC server when training starts."""
   remote = _remote_ids(args.remote)
-  if (args.tls_cert is None) != (args.tls_key is None):
-    raise ValueError("--tls_cert and --tls_key go together: give both, or neither")
-  tls = None
-  if args.tls_cert:
-    tls = tuple(Path(p).read_bytes() for p in (args.tls_cert, args.tls_key))
-  if args.deadline <= 0 or args.poll <= 0:
-    raise ValueError("--deadline and --poll must be positive seconds")
+  listen = _listen_address(args.listen)
+  tls = _tls_files(args.tls_cert, args.tls_key)
+  if args.deadline <= 0 or args.poll <= 0 or args.wait_for_clients < 0:
+    raise ValueError("--deadline and --poll must be positive seconds, --wait_for_clients not "
+                     "negative")
 
   def make_stepper(exp, net):
     import jax  # pylint: disable=g-import-not-at-top
     import numpy as np  # pylint: disable=g-import-not-at-top
     from mocosfl_jax.algorithm import state as state_lib  # pylint: disable=g-import-not-at-top
     from mocosfl_jax.remote import coordinator, steps, transport  # pylint: disable=g-import-not-at-top
+    from mocosfl_jax.run import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
     cfg = exp.step
     bad = [c for c in remote if not 0 <= c < cfg.num_clients]
     if bad:
@@ -136,7 +164,7 @@ def make_stepper_factory(args, workdir: Path):
     if exp.par.mode != "vmap":
       raise ValueError(f"serve runs the pool with vmap; client_parallel={exp.par.mode!r} runs "
                        "with python -m mocosfl_jax.main")
-    tokens = _tokens(args.tokens, remote, workdir)
+    tokens, new_tokens = _tokens(args.tokens, remote, workdir)
     abstract = state_lib.abstract_train_state(net, cfg)
     one = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), abstract.clients)
     model_spec = {**steps.tensor_spec(one.online, "online"),
@@ -154,27 +182,34 @@ def make_stepper_factory(args, workdir: Path):
     coord = coordinator.Coordinator(
         tokens=tokens, train=not cfg.frozen_clients,
         num_images={c: len(exp.parts[c]) for c in remote}, smashed=smashed,
-        model_spec=model_spec, welcome=welcome, max_bytes=max_bytes, poll_s=args.poll)
+        model_spec=model_spec, welcome=welcome, max_bytes=max_bytes, poll_s=args.poll,
+        alive_s=args.deadline)
     stepper = steps.RemoteStepper(exp, net, coord, remote, deadline_s=args.deadline)
+    # Bound now, so a bad address or a busy port is refused before anything is written; Joins
+    # are answered 'starting, retry' until the state is ready.
+    try:
+      server, port = transport.serve(coord.handle, listen, hard_limit_bytes=4 * max_bytes,
+                                     tls=tls)
+    except OSError as e:
+      raise ValueError(f"--listen {listen}: {e}") from None
+    stepper.server = server
     start = stepper.start
 
     def start_serving(state):
+      if new_tokens:
+        _write_tokens(workdir, tokens)
       start(state)
-      server, port = transport.serve(coord.handle, args.listen, hard_limit_bytes=4 * max_bytes,
-                                     tls=tls)
-      host = args.listen.rsplit(":", 1)[0]
-      address = f"{host}:{port}"
-      (workdir / "server.json").write_text(json.dumps({"address": address, "tls": bool(tls)}))
+      address = f"{listen.rsplit(':', 1)[0]}:{port}"
+      metrics_lib.write_text_atomic(workdir / "server.json",
+                                    json.dumps({"address": address, "tls": bool(tls)}))
       logging.info("serving remote clients %s on %s (%s)", remote, address,
                    "TLS" if tls else "no TLS: trusted networks only")
-      stepper.server = server
       if not coord.wait_connected(remote, args.wait_for_clients):
         logging.warning("after %.0f s, remote client(s) %s are not connected; training starts "
                         "without them", args.wait_for_clients,
                         [c for c in remote if not coord.connected(c)])
 
     stepper.start = start_serving
-    stepper.server = None
     return stepper
 
   return make_stepper
@@ -189,6 +224,9 @@ def serve(args) -> int:
   except OSError as e:
     raise ValueError(main_lib.explain_config_error(e) or str(e)) from None
   workdir = Path(args.workdir).expanduser().absolute()
+  if workdir.exists() and not workdir.is_dir():
+    raise ValueError(f"--workdir {args.workdir} is a file, not a directory; pass a run "
+                     "directory (a new one starts a run, an existing one resumes it)")
   make = make_stepper_factory(args, workdir)
   made = {}
 

@@ -4,6 +4,7 @@ Each bad message is refused with a gRPC error that says why, logged as a refusal
 step goes on: the same client's good message is accepted afterwards. No JAX here: the
 coordinator and transport are what a remote client talks to (remote/coordinator.py).
 """
+import json
 import os
 import pickle
 import threading
@@ -50,10 +51,18 @@ def served():
     conns.append(conn)
     return conn
 
+  for client in TOKENS:    # both clients join; client 1 takes its task for step 5
+    call(connect(TOKENS[client]), "Join", join_message(client, 10 if client == 1 else 12))
+  call(connect(), "Task", wire.encode("task_request", {"client": 1}))
   yield coord, connect
   for c in conns:
     c.close()
   server.stop(0).wait()
+
+
+def join_message(client=1, num_images=10, train=1):
+  return wire.encode("join", {"client": client, "num_images": num_images, "train": train,
+                              "want_model": 1})
 
 
 def call(conn, method, data):
@@ -63,10 +72,11 @@ def call(conn, method, data):
 def test_a_client_joins_takes_its_task_and_its_smashed_data_reaches_the_step(served):
   coord, connect = served
   conn = connect()
-  welcome = call(conn, "Join", wire.encode("join", {"client": 1, "num_images": 10, "train": 1,
-                                                     "want_model": 1}))
+  welcome = call(conn, "Join", join_message())
   assert welcome.kind == "welcome" and welcome["num_steps"] == 10 and welcome["train"] == 1
   assert set(welcome.tensors) == set(MODEL)
+  assert coord.connected(1)
+  coord.round.handed.discard(1)             # the task again, as after a reconnect
   task = call(conn, "Task", wire.encode("task_request", {"client": 1}))
   assert task.kind == "task" and task["step"] == STEP and task["sync"] == 1
   np.testing.assert_array_equal(task.tensors["positions"], [0, 1])
@@ -74,6 +84,13 @@ def test_a_client_joins_takes_its_task_and_its_smashed_data_reaches_the_step(ser
   got = coord.wait_smashed(5)
   np.testing.assert_array_equal(got[1][0], _smashed())
   assert coord.refusals == []
+
+
+def _bf16_message():
+  """A valid safetensors blob whose tensor has a dtype numpy has no type for (BF16)."""
+  header = json.dumps({"__metadata__": {"kind": "smashed", "client": "1", "step": str(STEP)},
+                       "q": {"dtype": "BF16", "shape": [2], "data_offsets": [0, 4]}}).encode()
+  return len(header).to_bytes(8, "little") + header + b"\0" * 4
 
 
 # (name, how to send it, gRPC code, what the error says)
@@ -117,6 +134,10 @@ BAD = {
     "wrong kind for the method": (lambda c: c().call("Smashed", wire.encode(
         "model", {"client": 1, "step": STEP}), 10), "INVALID_ARGUMENT",
         "expected a 'smashed' message"),
+    "unsupported dtype": (lambda c: c().call("Smashed", _bf16_message(), 10),
+                          "INVALID_ARGUMENT", "does not accept"),
+    "smashed data without taking the task": (lambda c: c(TOKENS[2]).call(
+        "Smashed", smashed_message(client=2), 10), "PERMISSION_DENIED", "not in step 5's pool"),
     "extra tensor": (lambda c: c().call("Smashed", wire.encode(
         "smashed", {"client": 1, "step": STEP},
         {"q": _smashed(), "k": _smashed(), "x": _smashed()}), 10), "INVALID_ARGUMENT",
@@ -159,7 +180,6 @@ def test_a_replayed_message_is_refused(served):
 
 def test_smashed_data_after_the_deadline_is_refused_and_the_step_ran_without_it(served):
   coord, connect = served
-  call(connect(), "Task", wire.encode("task_request", {"client": 1}))
   t0 = time.monotonic()
   assert coord.wait_smashed(0.3) == {}            # took its task, never answered: the deadline
   assert time.monotonic() - t0 >= 0.3
@@ -170,9 +190,34 @@ def test_smashed_data_after_the_deadline_is_refused_and_the_step_ran_without_it(
 
 def test_a_client_that_is_not_connected_is_not_waited_for(served):
   coord, _ = served
+  coord.round.handed.clear()
+  coord.joined.discard(1)                  # as a server that restarted: client 1 never joined it
   t0 = time.monotonic()
   assert coord.wait_smashed(30) == {}
   assert time.monotonic() - t0 < 5
+
+
+def test_a_client_must_join_before_anything_else(served):
+  coord, connect = served
+  coord.joined.discard(1)                  # as after a server restart
+  with pytest.raises(transport.RemoteError) as e:
+    connect().call("Task", wire.encode("task_request", {"client": 1}), 10)
+  assert e.value.code == "NOT_FOUND" and "join again" in e.value.details
+
+
+def test_a_refused_join_does_not_count_as_connected(served):
+  coord, connect = served
+  coord.joined.discard(2)
+  with pytest.raises(transport.RemoteError):
+    connect(TOKENS[2]).call("Join", join_message(2, num_images=99), 10)
+  assert not coord.connected(2)
+
+
+def test_a_second_server_cannot_take_the_same_port(served):
+  coord, connect = served
+  port = int(connect().address.rsplit(":", 1)[1])
+  with pytest.raises(OSError, match="cannot listen"):
+    transport.serve(coord.handle, f"127.0.0.1:{port}", hard_limit_bytes=4 * MAX_BYTES)
 
 
 @pytest.mark.parametrize("fields,says", [
@@ -215,3 +260,35 @@ def test_the_run_ending_tells_waiting_clients(served):
   threading.Timer(0.2, coord.finish).start()
   coord.round.collecting = False
   assert call(connect(), "Task", wire.encode("task_request", {"client": 1})).kind == "done"
+
+
+def test_tls_carries_the_protocol_and_refuses_plain_clients(tmp_path):
+  """--tls_cert/--tls_key: a client trusting the certificate joins; a plain-text client cannot
+  talk to the TLS server."""
+  import shutil, subprocess  # pylint: disable=g-import-not-at-top,multiple-imports
+  if shutil.which("openssl") is None:
+    pytest.skip("needs the openssl command to make a certificate")
+  subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                  "-keyout", str(tmp_path / "key.pem"), "-out", str(tmp_path / "cert.pem"),
+                  "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1"],
+                 check=True, capture_output=True)
+  cert, key = (tmp_path / "cert.pem").read_bytes(), (tmp_path / "key.pem").read_bytes()
+  coord = coordinator_lib.Coordinator(
+      tokens=TOKENS, train=False, num_images={1: 10, 2: 12}, smashed=SMASHED, model_spec={},
+      welcome={"num_steps": 10}, max_bytes=MAX_BYTES, poll_s=0.5)
+  coord.set_models({})
+  server, port = transport.serve(coord.handle, "127.0.0.1:0", hard_limit_bytes=4 * MAX_BYTES,
+                                 tls=(cert, key))
+  join = wire.encode("join", {"client": 1, "num_images": 10, "train": 0, "want_model": 0})
+  try:
+    secure = transport.Connection(f"127.0.0.1:{port}", TOKENS[1], hard_limit_bytes=1 << 20,
+                                  tls_ca=cert)
+    assert call(secure, "Join", join).kind == "welcome"
+    plain = transport.Connection(f"127.0.0.1:{port}", TOKENS[1], hard_limit_bytes=1 << 20)
+    with pytest.raises(transport.RemoteError) as e:
+      plain.call("Join", join, timeout=5)
+    assert e.value.code == "UNAVAILABLE"
+    secure.close()
+    plain.close()
+  finally:
+    server.stop(0).wait()

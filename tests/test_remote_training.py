@@ -70,21 +70,38 @@ def serve_run(workdir, remote, overrides, deadline="60"):
                      "--listen", "127.0.0.1:0", "--deadline", deadline, "--poll", "0.5"])
 
 
-def test_remote_trainable_clients_give_the_simulated_losses(tmp_path):
+def test_remote_trainable_clients_give_the_simulated_losses(tmp_path, monkeypatch, caplog):
   """Clients 1 and 2 remote (c_lr > 0: gradients back, model uploads and averages at syncs
-  every 2 steps), a sampled pool of 2 of 4 clients, so remote clients sit out some steps."""
-  overrides = ["--config.avg_freq=16", "--config.sample_ratio=0.5"]
+  every 2 steps), a sampled pool of 3 of 4 clients (0, 3, 1): client 1 takes part in every
+  step beside two simulated clients, client 2 waits for a step that never comes. The
+  first two backward passes take longer than the clients' polling interval (a slow device):
+  the server waits for them, within its deadline."""
+  caplog.set_level(logging.INFO, logger="mocosfl_jax.remote.client")
+  overrides = ["--config.avg_freq=16", "--config.sample_ratio=0.75"]
+  backward, slow = edge_client.JaxClient.backward, [2]
+
+  def slow_backward(self, grad, lr):
+    if slow[0] > 0:
+      slow[0] -= 1
+      time.sleep(2.0)              # longer than 3 x --poll 0.5
+    return backward(self, grad, lr)
+
+  monkeypatch.setattr(edge_client.JaxClient, "backward", slow_backward)
   threads = [start_client(tmp_path / "served", c, overrides) for c in (1, 2)]
   assert serve_run(tmp_path / "served", "1,2", overrides) == 0
   for t, status in threads:
     t.join(60)
     assert status.get("rc") == 0
   config = core_testlib.load_config("tiny").get_config()
-  config.avg_freq, config.sample_ratio = 16, 0.5
+  config.avg_freq, config.sample_ratio = 16, 0.75
   train.train_and_evaluate(config, str(tmp_path / "simulated"))
   got, want = losses(tmp_path / "served"), losses(tmp_path / "simulated")
   assert [s for s, _ in got] == [s for s, _ in want] == [2, 4, 6]
   np.testing.assert_allclose([l for _, l in got], [l for _, l in want], rtol=1e-5)
+  assert slow == [0]
+  done = sorted(r.getMessage() for r in caplog.records if "the run is done" in r.getMessage())
+  assert done == ["client 1: the run is done (6 steps taken part in)",
+                  "client 2: the run is done (0 steps taken part in)"]
   records = [json.loads(l) for l in (tmp_path / "served" / "metrics.jsonl").open()]
   assert any(r.get("div_online_global", 0) > 0 for r in records)     # syncs happened
 

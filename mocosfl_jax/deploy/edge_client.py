@@ -75,7 +75,12 @@ class OnnxClient:
 def read_data(path: str, size: int) -> np.ndarray:
   """This client's images: a folder of image files, or a uint8 .npy [n, H, W, 3]."""
   if os.path.isdir(path):
-    return run_client.read_image_dir(path, size, resize=False)
+    try:
+      return run_client.read_image_dir(path, size, resize=False)
+    except OSError as e:   # PIL's UnidentifiedImageError is an OSError
+      raise ValueError(f"--data {path}: cannot read an image ({e})") from None
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"--data {path} does not exist")
   return client_loop.read_npy_images(path, size)
 
 
@@ -88,6 +93,8 @@ def parse_args(argv=None):
   p.add_argument("--token-file", required=True)
   p.add_argument("--tls-ca", default=None, help="PEM CA certificate: connect over TLS")
   p.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: its default)")
+  p.add_argument("--retry-for", type=float, default=300.0,
+                 help="seconds to keep retrying while the server cannot be reached")
   return p.parse_args(argv)
 
 
@@ -95,6 +102,7 @@ def main(argv=None) -> int:
   args = parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
   try:
+    client_loop.check_address(args.server)
     model = run_client.ClientModel(args.model, threads=args.threads)
     images = read_data(args.data, model.size)
     token = client_loop.read_token(args.token_file, args.client_id)
@@ -105,16 +113,17 @@ def main(argv=None) -> int:
     limit = 1 << 26
     conn = transport.Connection(args.server, token, hard_limit_bytes=limit, tls_ca=tls_ca)
     loop = client_loop.ClientLoop(conn, args.client_id, len(images), OnnxClient(model, images),
-                                  want_model=False, max_bytes=limit)
+                                  want_model=False, max_bytes=limit, retry_for_s=args.retry_for)
     try:
       steps = loop.run()
     finally:
       conn.close()
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, FileNotFoundError, client_loop.Unreachable) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   except transport.RemoteError as e:
-    print(f"error: the server refused this client: {e.details} ({e.code})", file=sys.stderr)
+    print(f"error: the server at {args.server} refused this client: {e.details} ({e.code})",
+          file=sys.stderr)
     return 2
   logging.info("took part in %d steps; peak memory %.1f MiB", steps, run_client.peak_rss_mib())
   return 0

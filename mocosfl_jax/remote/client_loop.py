@@ -33,6 +33,10 @@ class Rejoin(Exception):
   """The server restarted or forgot this client: join again."""
 
 
+class Unreachable(ConnectionError):
+  """The server could not be reached for the client's whole retry time."""
+
+
 class ClientLoop:
   def __init__(self, conn: transport.Connection, client: int, num_images: int, compute, *,
                want_model: bool, max_bytes: int, call_timeout_s: float = 60.0,
@@ -44,7 +48,8 @@ class ClientLoop:
     self.train = False
 
   def _call(self, method: str, kind: str, fields=None, tensors=None) -> wire.Message:
-    """One call; retries while the server is unreachable (up to retry_for_s)."""
+    """One call; retries while the server is unreachable (up to retry_for_s), and rejoins when
+    the server does not know this client (it restarted)."""
     request = wire.encode(kind, {"client": self.client, **(fields or {})}, tensors)
     give_up = time.monotonic() + self.retry_for_s
     delay = 0.2
@@ -53,9 +58,15 @@ class ClientLoop:
         reply = self.conn.call(method, request, self.call_timeout_s)
         return wire.decode(reply, self.max_bytes)
       except transport.RemoteError as e:
-        if e.code not in RETRY or time.monotonic() > give_up:
+        if e.code == "NOT_FOUND" and method != "Join":
+          raise Rejoin() from None
+        if e.code not in RETRY:
           raise
-        log.info("server unreachable (%s); retrying", e.code)
+        if time.monotonic() > give_up:
+          raise Unreachable(f"cannot reach the server at {self.conn.address} for "
+                            f"{self.retry_for_s:.0f} s ({e.code}: {e.details})") from None
+        log.info("server at %s unreachable (%s: %s); retrying", self.conn.address, e.code,
+                 e.details)
         time.sleep(delay)
         delay = min(2 * delay, 5.0)
         if method != "Join":
@@ -151,3 +162,11 @@ def read_npy_images(path: str, size: int, flag: str = "--data") -> np.ndarray:
     raise ValueError(f"{flag} {path} holds {images.dtype} {images.shape}; expected uint8 "
                      f"(n, {size}, {size}, 3) RGB images")
   return images
+
+
+def check_address(text: str, flag: str = "--server") -> str:
+  """HOST:PORT, or a ValueError naming the flag."""
+  host, sep, port = text.rpartition(":")
+  if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+    raise ValueError(f"{flag} {text!r}: expected HOST:PORT of the server, e.g. 192.168.1.2:50051")
+  return text

@@ -64,15 +64,21 @@ class Coordinator:
     welcome: the Join reply's fields (augmentation settings, run length).
     max_bytes: the largest message accepted.
     poll_s: how long a Task / Gradient / FetchModel call waits before answering 'wait'.
+    alive_s: a joined client last heard from this long ago still counts as connected (it may
+      be computing: a backward, a first compilation); default 3 * poll_s. The server passes
+      its deadline.
   """
 
   def __init__(self, *, tokens: Mapping[int, str], train: bool, num_images: Mapping[int, int],
                smashed: tuple, model_spec: Mapping[str, tuple], welcome: Mapping[str, object],
-               max_bytes: int, poll_s: float = 5.0):
+               max_bytes: int, poll_s: float = 5.0, alive_s: float | None = None):
     self.tokens = {int(k): str(v) for k, v in tokens.items()}
     self.train, self.num_images = train, dict(num_images)
     self.smashed, self.model_spec = smashed, dict(model_spec)
     self.welcome, self.max_bytes, self.poll_s = dict(welcome), max_bytes, poll_s
+    self.alive_s = 3 * poll_s if alive_s is None else alive_s
+    self.joined: set[int] = set()          # clients whose Join this server accepted
+    self.ready = False                     # set_models was called: Joins are answered
     self.cond = threading.Condition()
     self.round: Round | None = None
     self.recent: dict[int, Round] = {}     # the last few rounds: late Gradient / FetchModel
@@ -85,10 +91,10 @@ class Coordinator:
   # ------------------------------------------------------------------ training loop side
 
   def connected(self, client: int) -> bool:
-    """A client counts as connected while it waits for a task or was seen recently."""
+    """A client counts as connected once it joined, while it waits for a task or was heard
+    from within `alive_s`."""
     with self.cond:
-      return (self.waiting.get(client, 0) > 0
-              or time.monotonic() - self.last_seen.get(client, -1e9) < 3 * self.poll_s)
+      return self._connected_locked(client)
 
   def wait_connected(self, clients, timeout_s: float) -> bool:
     """Waits until every listed client is connected (True) or the timeout (False)."""
@@ -105,6 +111,7 @@ class Coordinator:
     """Each client's current model (flat tensors), sent in the Join reply."""
     with self.cond:
       self.models.update({c: dict(v) for c, v in models.items()})
+      self.ready = True
 
   def open_round(self, step: int, epoch: int, batch_idx: int, sync: bool,
                  tasks: Mapping[int, tuple]) -> None:
@@ -172,8 +179,9 @@ class Coordinator:
       self.cond.notify_all()
 
   def _connected_locked(self, client: int) -> bool:
-    return (self.waiting.get(client, 0) > 0
-            or time.monotonic() - self.last_seen.get(client, -1e9) < 3 * self.poll_s)
+    return client in self.joined and (
+        self.waiting.get(client, 0) > 0
+        or time.monotonic() - self.last_seen.get(client, -1e9) < self.alive_s)
 
   # ------------------------------------------------------------------ gRPC side
 
@@ -181,12 +189,21 @@ class Coordinator:
     """Entry point of every gRPC call (transport.serve)."""
     client = None
     try:
-      msg = wire.decode(request, self.max_bytes)
-      client = msg.fields.get("client")
+      kind, fields = wire.peek(request, self.max_bytes)    # header only: who is it?
+      client = fields.get("client")
       self._authenticate(client, token)
+      if method != "Join":
+        with self.cond:
+          if client not in self.joined:
+            raise wire.WireError(f"client {client} has not joined this server (it may have "
+                                 "restarted): join again", "NOT_FOUND")
+      msg = wire.decode(request, self.max_bytes)
       with self.cond:
         self.last_seen[client] = time.monotonic()
-      return getattr(self, f"_on_{method.lower()}")(client, msg)
+      reply = getattr(self, f"_on_{method.lower()}")(client, msg)
+      with self.cond:
+        self.last_seen[client] = time.monotonic()
+      return reply
     except wire.WireError as e:
       reason = f"refused {method} from {peer} (client {client}): {e}"
       with self.cond:
@@ -220,9 +237,13 @@ class Coordinator:
           "python -m mocosfl_jax.edge_client, or serve a run with c_lr=0",
           "FAILED_PRECONDITION")
     with self.cond:
-      model = self.models.get(client, {}) if msg["want_model"] else {}
+      if not self.ready:
+        raise wire.WireError("the server is starting; join again in a moment", "UNAVAILABLE")
+      model = dict(self.models.get(client, {})) if msg["want_model"] else {}
       fields = dict(self.welcome, client=client, train=int(self.train),
                     step=-1 if self.round is None else self.round.step)
+      self.joined.add(client)
+      self.cond.notify_all()
     return wire.encode("welcome", fields, model)
 
   def _on_task(self, client: int, msg: wire.Message) -> bytes:
@@ -273,6 +294,9 @@ class Coordinator:
       if client in r.received:
         raise wire.WireError(f"client {client} already sent step {r.step}'s smashed data "
                              "(a replayed message)", "FAILED_PRECONDITION")
+      if client not in r.handed:
+        raise wire.WireError(f"client {client} sent smashed data for step {r.step} without "
+                             "taking its task from this server", "FAILED_PRECONDITION")
       if not r.collecting:
         raise wire.WireError(f"client {client}'s smashed data for step {r.step} arrived after "
                              "the deadline; the step ran without it", "FAILED_PRECONDITION")

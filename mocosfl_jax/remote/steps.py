@@ -185,16 +185,23 @@ class RemoteStepper:
     if in_pool:
       positions, uniforms = np.asarray(positions), np.asarray(uniforms)
       where = {c: i for i, c in enumerate(ids.tolist())}
-      self.coord.open_round(s, epoch, b, sync, {
-          c: (positions[where[c]], uniforms[:, where[c]]) for c in in_pool})
-      t0 = time.monotonic()
-      got = self.coord.wait_smashed(self.deadline_s)
-      missing = [c for c in in_pool if c not in got]
-      if missing:
-        logging.warning("step %d: remote client(s) %s absent (not connected, or no smashed data "
-                        "within the %.0f s deadline); the step runs without them", s + 1,
-                        missing, self.deadline_s)
-      logging.debug("step %d: remote uploads took %.3f s", s + 1, time.monotonic() - t0)
+      tasks = {c: (positions[where[c]], uniforms[:, where[c]]) for c in in_pool}
+      while True:
+        self.coord.open_round(s, epoch, b, sync, tasks)
+        t0 = time.monotonic()
+        got = self.coord.wait_smashed(self.deadline_s)
+        missing = [c for c in in_pool if c not in got]
+        if missing:
+          logging.warning("step %d: remote client(s) %s absent (not connected, or no smashed "
+                          "data within the %.0f s deadline); the step runs without them", s + 1,
+                          missing, self.deadline_s)
+        logging.debug("step %d: remote uploads took %.3f s", s + 1, time.monotonic() - t0)
+        if got or len(in_pool) < len(ids):
+          break
+        # Every client of this step is remote and none is here: the step waits for them.
+        logging.warning("step %d: no client of the pool is present; waiting for remote "
+                        "client(s) %s", s + 1, in_pool)
+        self.coord.wait_connected(in_pool, self.deadline_s)
     present = np.array([i for i, c in enumerate(ids.tolist())
                         if c not in self.remote or c in got], np.int32)
     rows = ids[present]

@@ -46,7 +46,8 @@ class Refusal(Exception):
 
 def _options(hard_limit_bytes: int):
   return [("grpc.max_receive_message_length", hard_limit_bytes),
-          ("grpc.max_send_message_length", hard_limit_bytes)]
+          ("grpc.max_send_message_length", hard_limit_bytes),
+          ("grpc.so_reuseport", 0)]    # a second server on the same port fails to bind
 
 
 def token_of(context: grpc.ServicerContext) -> str | None:
@@ -77,13 +78,17 @@ def serve(handle: Callable[[str, bytes, str | None, str], bytes], address: str, 
                        maximum_concurrent_rpcs=4 * workers)
   server.add_generic_rpc_handlers(
       (grpc.method_handlers_generic_handler(SERVICE, {m: method(m) for m in METHODS}),))
-  if tls is None:
-    port = server.add_insecure_port(address)
-  else:
-    cert, key = tls
-    port = server.add_secure_port(address, grpc.ssl_server_credentials([(key, cert)]))
+  try:
+    if tls is None:
+      port = server.add_insecure_port(address)
+    else:
+      cert, key = tls
+      port = server.add_secure_port(address, grpc.ssl_server_credentials([(key, cert)]))
+  except RuntimeError:
+    port = 0
   if port == 0:
-    raise OSError(f"cannot listen on {address} (address in use or not valid)")
+    raise OSError(f"cannot listen on {address}: the port is in use, or the address (or the "
+                  "TLS certificate and key) is not valid")
   server.start()
   return server, port
 
@@ -94,6 +99,7 @@ class Connection:
   def __init__(self, address: str, token: str | None, *, hard_limit_bytes: int,
                tls_ca: bytes | None = None):
     opts = _options(hard_limit_bytes)
+    self.address = address
     self.channel = (grpc.insecure_channel(address, options=opts) if tls_ca is None else
                     grpc.secure_channel(address, grpc.ssl_channel_credentials(tls_ca), opts))
     self.metadata = () if token is None else (("authorization", f"Bearer {token}"),)

@@ -77,8 +77,9 @@ def _header(data: bytes) -> dict:
   return header
 
 
-def decode(data: bytes, max_bytes: int) -> Message:
-  """bytes -> Message, refusing oversized, truncated, garbage and malformed messages."""
+def peek(data: bytes, max_bytes: int) -> tuple[str, dict]:
+  """(kind, fields) from the header alone, without reading any tensor (who sent it, before
+  anything else is done with it)."""
   if len(data) > max_bytes:
     raise WireError(f"message of {len(data)} bytes exceeds the limit of {max_bytes} bytes",
                     "RESOURCE_EXHAUSTED")
@@ -86,10 +87,22 @@ def decode(data: bytes, max_bytes: int) -> Message:
   meta = header.get("__metadata__") or {}
   if not isinstance(meta, dict) or not isinstance(meta.get("kind"), str):
     raise WireError("message carries no 'kind' in its metadata")
+  return meta["kind"], _fields(meta)
+
+
+def decode(data: bytes, max_bytes: int) -> Message:
+  """bytes -> Message, refusing oversized, truncated, garbage and malformed messages."""
+  kind, fields = peek(data, max_bytes)
   try:
     tensors = st_numpy.load(bytes(data))
   except SafetensorError as e:
     raise WireError(f"message is not valid safetensors ({e})") from None
+  except (KeyError, TypeError, ValueError) as e:   # e.g. a dtype numpy does not have (BF16)
+    raise WireError(f"message holds a tensor this protocol does not accept ({e!r})") from None
+  return Message(kind, fields, tensors)
+
+
+def _fields(meta: dict) -> dict:
   fields = {}
   for k, v in meta.items():
     if k == "kind":
@@ -101,7 +114,7 @@ def decode(data: bytes, max_bytes: int) -> Message:
         raise WireError(f"field {k!r} must be an integer, got {v!r}") from None
     else:
       fields[k] = v
-  return Message(meta["kind"], fields, tensors)
+  return fields
 
 
 def expect(msg: Message, kind: str, fields: Iterable[str] = (),
