@@ -10,6 +10,13 @@ from mocosfl_jax.models import (ARCHS, SplitConfig, build, full_network, num_lay
 from mocosfl_jax.models import layers as L
 from mocosfl_jax.models.bottleneck import parse_bottleneck
 
+import core_testlib
+
+# Every test here compares two computations compiled in this module (or a loop of its own):
+# XLA's optimisations only cost compile time, on some of the largest networks of the suite.
+fast_compile = core_testlib.fast_compile
+pytestmark = pytest.mark.usefixtures("fast_compile")
+
 RESNET18_CLIENT_PARAMS = [1856, 75840, 149824, 379968, 675392, 1594432, 2775104, 6448192,
                           11168832]
 RESNET18_SMASHED = [(32, 32, 64)] * 3 + [(16, 16, 128)] * 2 + [(8, 8, 256)] * 2 + [(4, 4, 512)] * 2
