@@ -242,7 +242,7 @@ def serve(args) -> int:
   finally:
     stepper = made.get("stepper")
     if stepper is not None:
-      stepper.coord.finish()        # clients asking for work hear 'done'
+      stepper.coord.finish(timeout_s=3 * stepper.coord.poll_s)   # clients hear 'done'
       if stepper.server is not None:
         stepper.server.stop(grace=2 * stepper.coord.poll_s).wait()
   print(json.dumps(results, indent=1))

@@ -70,6 +70,7 @@ def test_onnx_and_jax_clients_train_through_a_server_restart(tmp_path):
                       str(CONFIG_DIR / "tiny.py"), *OVERRIDES, "--server", address,
                       "--client_id", "2", "--token_file", str(tokens)], tmp_path / "client2.log")
   # Client 1's device: the ONNX slice of its model and its own images, nothing else.
+  _wait_for(run / "checkpoints" / "0", server)    # the first checkpoint is written asynchronously
   to_onnx.export_onnx(str(tmp_path / "client1.onnx"), workdir=str(run), checkpoint="0",
                       client="1", layout="NHWC", dynamic_batch=True)
   config = core_testlib.load_config("tiny").get_config()

@@ -16,7 +16,10 @@ one after the other on this machine:
 Per run: the median seconds per step over the logging windows after the first (which holds
 the compilation). The time the remote clients add per step is the served run's minus the
 simulated run's; it holds the clients' own work (augmenting and encoding on the same cores as
-the server), the messages and the waiting. Per client: the median time of its steps as the
+the server), the messages and the waiting, and the served step's own costs (it fetches each
+step's batch positions to the host, so steps no longer overlap their dispatch, and it runs the
+per-party functions rather than one fused step). The part spent waiting for the uploads, from
+opening the step to the last upload, is logged as `remote_wait_s`. Per client: the median time of its steps as the
 client logs them (from taking its task to the server's acknowledgement of its upload) and its
 peak resident memory. Bytes per step per client are the encoded messages of one step (task
 request and reply, upload and acknowledgement), beside `python -m mocosfl_jax.costs`'s upload
@@ -94,7 +97,7 @@ def message_bytes(net, cfg, aug_uniforms: int) -> dict:
   return sizes
 
 
-def run(steps: int, remote_counts, out: str) -> dict:
+def run(steps: int, remote_counts, out: str, keep: str | None = None) -> dict:
   # pylint: disable=g-import-not-at-top
   import numpy as np
   from mocosfl_jax import costs, experiment
@@ -122,8 +125,9 @@ def run(steps: int, remote_counts, out: str) -> dict:
                 traffic=costs.Traffic(frozen_client=True))[0]["upload_bytes_per_step"],
             "runs": {}}
   base = [sys.executable, "-m"]
-  with tempfile.TemporaryDirectory() as tmp:
-    tmp = pathlib.Path(tmp)
+  with tempfile.TemporaryDirectory() as scratch:
+    tmp = pathlib.Path(keep or scratch)
+    tmp.mkdir(parents=True, exist_ok=True)
     sim = tmp / "simulated"
     subprocess.run(base + ["mocosfl_jax.main", "--config", _config_path(), *_overrides(steps),
                            "--workdir", str(sim)], env=_env(), check=True,
@@ -157,6 +161,8 @@ def _served(workdir: pathlib.Path, r: int, steps: int, exp, to_onnx, np) -> dict
       raise RuntimeError((workdir.parent / f"server_{r}.log").read_text()[-3000:])
     time.sleep(0.5)
   address = json.loads((workdir / "server.json").read_text())["address"]
+  while not (workdir / "checkpoints" / "0").exists():   # written asynchronously
+    time.sleep(0.2)
   model = workdir.parent / f"client_{r}.onnx"
   to_onnx.export_onnx(str(model), workdir=str(workdir), checkpoint="0", client="0",
                       layout="NHWC", dynamic_batch=True)
@@ -180,7 +186,10 @@ def _served(workdir: pathlib.Path, r: int, steps: int, exp, to_onnx, np) -> dict
     times = [float(t) for t in re.findall(r"step \d+ in ([0-9.]+) s", text)]
     step_times.append(statistics.median(times[1:]))
     peaks.append(float(re.findall(r"peak memory ([0-9.]+) MiB", text)[-1]))
+  waits = [r["remote_wait_s"] for r in map(json.loads, (workdir / "metrics.jsonl").open())
+           if "remote_wait_s" in r][1:]
   return {"seconds_per_step": _seconds_per_step(workdir),
+          "upload_wait_seconds_per_step": statistics.median(waits),
           "client_seconds_per_step_median": statistics.median(step_times),
           "client_peak_rss_mib_max": max(peaks)}
 
@@ -192,6 +201,8 @@ def define_flags(flag_values: flags.FlagValues, argv) -> None:
                       flag_values=flag_values)
   flags.DEFINE_string("out", "bench/results/remote.json", "Output JSON.",
                       flag_values=flag_values)
+  flags.DEFINE_string("keep", None, "Keep the runs and logs in this directory (default: a "
+                      "temporary one, removed).", flag_values=flag_values)
 
 
 def _main(args) -> int:
@@ -200,7 +211,7 @@ def _main(args) -> int:
     raise ValueError(f"--remote: each count must be in 1..{NUM_CLIENTS}")
   if args.steps < 3 * LOG_EVERY:
     raise ValueError(f"--steps must be at least {3 * LOG_EVERY} (windows of {LOG_EVERY})")
-  run(args.steps, counts, args.out)
+  run(args.steps, counts, args.out, args.keep)
   return 0
 
 

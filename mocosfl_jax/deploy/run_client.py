@@ -17,7 +17,7 @@ Inputs:
 uint8 images are normalised with the model's metadata, (x / 255 - mean) / std, as in training,
 and transposed to the model's layout. Wrong sizes are rejected (expected vs got); --resize resizes
 folder images with pillow instead. --bench N times N single-batch runs after a warm-up and reports
-the median latency per image and the peak resident memory (getrusage ru_maxrss).
+the median latency per image and the peak resident memory (`peak_rss_mib`).
 """
 from __future__ import annotations
 
@@ -47,7 +47,16 @@ _UNLOADABLE = tuple(getattr(ort_errors, n) for n in ("Fail", "InvalidGraph", "No
 
 
 def peak_rss_mib() -> float:
-  """Peak resident set size of this process (ru_maxrss is KiB on Linux, bytes on macOS)."""
+  """Peak resident set size of this process: Linux's VmHWM where there is one (ru_maxrss
+  survives exec there, so a process started by a large one would report its parent's peak),
+  else ru_maxrss (KiB on Linux, bytes on macOS)."""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("VmHWM:"):
+          return int(line.split()[1]) / 1024
+  except OSError:
+    pass
   rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
   return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
 

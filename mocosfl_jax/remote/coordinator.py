@@ -78,6 +78,7 @@ class Coordinator:
     self.welcome, self.max_bytes, self.poll_s = dict(welcome), max_bytes, poll_s
     self.alive_s = 3 * poll_s if alive_s is None else alive_s
     self.joined: set[int] = set()          # clients whose Join this server accepted
+    self.told_done: set[int] = set()       # clients told that the run is over
     self.ready = False                     # set_models was called: Joins are answered
     self.cond = threading.Condition()
     self.round: Round | None = None
@@ -173,10 +174,20 @@ class Coordinator:
         self.models.setdefault(c, {}).update(m)
       self.cond.notify_all()
 
-  def finish(self) -> None:
+  def finish(self, timeout_s: float = 0.0) -> None:
+    """The run is over: clients asking for work hear 'done'. Waits up to `timeout_s` for every
+    connected client to have heard it (a client that asks after the server stops would keep
+    retrying)."""
+    end = time.monotonic() + timeout_s
     with self.cond:
       self.done = True
       self.cond.notify_all()
+      while True:
+        left = end - time.monotonic()
+        untold = [c for c in self.joined if c not in self.told_done and self._connected_locked(c)]
+        if not untold or left <= 0:
+          return
+        self.cond.wait(min(left, 0.2))
 
   def _connected_locked(self, client: int) -> bool:
     return client in self.joined and (
@@ -254,6 +265,8 @@ class Coordinator:
       try:
         while True:
           if self.done:
+            self.told_done.add(client)
+            self.cond.notify_all()
             return wire.encode("done", {"client": client})
           r = self.round
           if (r is not None and r.collecting and client in r.tasks

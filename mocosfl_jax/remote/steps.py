@@ -181,7 +181,7 @@ class RemoteStepper:
                                         aug_key, jnp.asarray(ids))
     sync = bool(plan.sync_now(cfg, b))
     in_pool = [c for c in ids.tolist() if c in self.remote]
-    got = {}
+    got, waited = {}, 0.0
     if in_pool:
       positions, uniforms = np.asarray(positions), np.asarray(uniforms)
       where = {c: i for i, c in enumerate(ids.tolist())}
@@ -190,12 +190,12 @@ class RemoteStepper:
         self.coord.open_round(s, epoch, b, sync, tasks)
         t0 = time.monotonic()
         got = self.coord.wait_smashed(self.deadline_s)
+        waited += time.monotonic() - t0
         missing = [c for c in in_pool if c not in got]
         if missing:
           logging.warning("step %d: remote client(s) %s absent (not connected, or no smashed "
                           "data within the %.0f s deadline); the step runs without them", s + 1,
                           missing, self.deadline_s)
-        logging.debug("step %d: remote uploads took %.3f s", s + 1, time.monotonic() - t0)
         if got or len(in_pool) < len(ids):
           break
         # Every client of this step is remote and none is here: the step waits for them.
@@ -225,7 +225,10 @@ class RemoteStepper:
     divergences = {key: jnp.zeros((), jnp.float32) for key in sync_lib.DIVERGENCE_KEYS}
     if sync:
       state, divergences = self._sync(state, rows, remote_rows)
-    return state, dict(m, synced=jnp.asarray(float(sync)), **divergences)
+    # Seconds the step waited for the remote uploads (their clients' work and the messages),
+    # and how many remote clients of the pool were left out.
+    return state, dict(m, synced=jnp.asarray(float(sync)), remote_wait_s=waited,
+                       remote_absent=float(len(in_pool) - len(got)), **divergences)
 
   def _smashed_shape(self):
     cfg = self.exp.step
