@@ -184,7 +184,6 @@ def make_stepper_factory(args, workdir: Path):
         num_images={c: len(exp.parts[c]) for c in remote}, smashed=smashed,
         model_spec=model_spec, welcome=welcome, max_bytes=max_bytes, poll_s=args.poll,
         alive_s=args.deadline)
-    stepper = steps.RemoteStepper(exp, net, coord, remote, deadline_s=args.deadline)
     # Bound now, so a bad address or a busy port is refused before anything is written; Joins
     # are answered 'starting, retry' until the state is ready.
     try:
@@ -192,13 +191,11 @@ def make_stepper_factory(args, workdir: Path):
                                      tls=tls)
     except OSError as e:
       raise ValueError(f"--listen {listen}: {e}") from None
-    stepper.server = server
-    start = stepper.start
 
-    def start_serving(state):
+    def start_serving():
+      """Once the run holds its workdir and its state is ready (restored or new)."""
       if new_tokens:
         _write_tokens(workdir, tokens)
-      start(state)
       address = f"{listen.rsplit(':', 1)[0]}:{port}"
       metrics_lib.write_text_atomic(workdir / "server.json",
                                     json.dumps({"address": address, "tls": bool(tls)}))
@@ -209,8 +206,8 @@ def make_stepper_factory(args, workdir: Path):
                         "without them", args.wait_for_clients,
                         [c for c in remote if not coord.connected(c)])
 
-    stepper.start = start_serving
-    return stepper
+    return steps.RemoteStepper(exp, net, coord, remote, deadline_s=args.deadline,
+                               server=server, on_start=start_serving)
 
   return make_stepper
 

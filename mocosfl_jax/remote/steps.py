@@ -155,11 +155,13 @@ class RemoteStepper:
   """The training loop's step for a federation with remote clients (run/train.py `stepper`)."""
 
   def __init__(self, exp, net, coordinator: coordinator_lib.Coordinator, remote, *,
-               deadline_s: float):
+               deadline_s: float, server=None, on_start=None):
+    """`server`: the gRPC server serving `coordinator` (stopped by its owner); `on_start()`:
+    called once the remote clients' models are set, before the first step."""
     self.exp, self.net, self.coord = exp, net, coordinator
     self.remote = sorted(int(c) for c in remote)
     self.deadline_s = deadline_s
-    self.absent_logged: dict[int, int] = {}
+    self.server, self.on_start = server, on_start
 
   def models(self, state, clients) -> dict:
     """client -> its current model tensors (online, momentum and optimizer state)."""
@@ -173,6 +175,8 @@ class RemoteStepper:
   def start(self, state) -> None:
     """Called once before the first step: the remote clients' models for their Join."""
     self.coord.set_models(self.models(state, self.remote))
+    if self.on_start is not None:
+      self.on_start()
 
   def __call__(self, state, s: int, epoch: int, b: int, pool, images, table, data_key, aug_key):
     cfg, net = self.exp.step, self.net
