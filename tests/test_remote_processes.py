@@ -1,6 +1,7 @@
 """The deployment as processes over loopback: `python -m mocosfl_jax.serve`, an ONNX client
 (`python export/edge_client.py`, numpy + onnxruntime) and a JAX client
-(`python -m mocosfl_jax.edge_client`), in a frozen federation (c_lr = 0, TAResSFL's deployment).
+(`python -m mocosfl_jax.edge_client`), in a frozen federation (c_lr = 0, TAResSFL's deployment)
+on the digits.
 The server is SIGKILLed after its step-3 checkpoint and started again: it resumes, the clients
 reconnect, and the run ends with the losses of the simulated run.
 """
@@ -26,7 +27,8 @@ fast_compile = core_testlib.fast_compile
 pytestmark = pytest.mark.usefixtures("fast_compile")
 
 ROOT = CONFIG_DIR.parent
-OVERRIDES = ["--config.c_lr=0", "--config.avg_freq=16"]
+# configs/tiny.py on scikit-learn's digits (8x8, shipped in the package: offline).
+OVERRIDES = ["--config.dataset=digits", "--config.c_lr=0", "--config.avg_freq=16"]
 
 
 def _env():
@@ -74,7 +76,7 @@ def test_onnx_and_jax_clients_train_through_a_server_restart(tmp_path):
   to_onnx.export_onnx(str(tmp_path / "client1.onnx"), workdir=str(run), checkpoint="0",
                       client="1", layout="NHWC", dynamic_batch=True)
   config = core_testlib.load_config("tiny").get_config()
-  config.c_lr, config.avg_freq = 0.0, 16
+  config.dataset, config.c_lr, config.avg_freq = "digits", 0.0, 16
   exp = experiment.resolve(config)
   np.save(tmp_path / "client1.npy", exp.train.images[np.asarray(exp.parts[1])])
   onnx_client = spawn([sys.executable, str(ROOT / "export" / "edge_client.py"), "--server",
