@@ -120,7 +120,7 @@ def run(args) -> int:
   for name in ("config", "server", "client_id", "token_file"):
     if getattr(args, name) is None:
       raise ValueError(f"--{name} is required")
-  client_loop.check_address(args.server, "--server")
+  transport.check_address(args.server, "--server")
   exp = experiment_lib.resolve(args.config)
   net = build(exp.model)
   k = args.client_id

@@ -111,14 +111,6 @@ def _write_tokens(workdir: Path, tokens: dict[int, str]) -> None:
   logging.info("wrote new client tokens to %s (give each device its own)", path)
 
 
-def _listen_address(text: str) -> str:
-  host, sep, port = text.rpartition(":")
-  if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-    raise ValueError(f"--listen {text!r}: expected HOST:PORT, e.g. 127.0.0.1:50051 or "
-                     "0.0.0.0:50051 (port 0 picks a free one)")
-  return text
-
-
 def _tls_files(cert: str | None, key: str | None):
   """(cert PEM, key PEM) bytes, checked to be a certificate and its key, or None."""
   import ssl  # pylint: disable=g-import-not-at-top
@@ -138,7 +130,8 @@ def make_stepper_factory(args, workdir: Path):
   """make_stepper(exp, net) for train_and_evaluate: checks the run suits remote clients, builds
   the coordinator, and starts the gRPC server when training starts."""
   remote = _remote_ids(args.remote)
-  listen = _listen_address(args.listen)
+  from mocosfl_jax.remote import transport  # pylint: disable=g-import-not-at-top
+  listen = transport.check_address(args.listen, "--listen", listen=True)
   tls = _tls_files(args.tls_cert, args.tls_key)
   if args.deadline <= 0 or args.poll <= 0 or args.wait_for_clients < 0:
     raise ValueError("--deadline and --poll must be positive seconds, --wait_for_clients not "
@@ -169,8 +162,7 @@ def make_stepper_factory(args, workdir: Path):
     one = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), abstract.clients)
     model_spec = {**steps.tensor_spec(one.online, "online"),
                   **steps.tensor_spec(one.momentum, "momentum")}
-    per = 2 * cfg.batch_size if cfg.loss_form == "two_view" else cfg.batch_size
-    smashed = (np.dtype(np.float32), (per,) + tuple(net.smashed_shape))
+    smashed = (np.dtype(np.float32), (cfg.rows_per_client,) + tuple(net.smashed_shape))
     nbytes = lambda spec: sum(int(np.prod(s)) * np.dtype(d).itemsize for d, s in spec.values())
     model_bytes = nbytes({**model_spec, **steps.tensor_spec(one.opt_state, "opt")})
     max_bytes = max(model_bytes, 2 * nbytes({"q": smashed})) + (1 << 16)

@@ -3,7 +3,8 @@ module imports on its own (none relies on another of ours having been imported f
 
 Layers, lowest first (a module may import modules of its own layer or below):
   0  config, quickstart, cli, precision,     run defaults, the command-line convention, dtype,
-     hugepages                                the allocator setting of the training program
+     hugepages, view_draws                    the allocator setting of the training program,
+                                              the augmentation's random draws
   1  models, data, algorithm.mapping,         building blocks with no algorithm inside
      run.metrics, run.checkpoints, privacy
      (all but privacy.attack)
@@ -35,6 +36,7 @@ PACKAGE_DIR = Path(mocosfl_jax.__file__).parent
 LAYERS = {
     'mocosfl_jax': 0, 'mocosfl_jax.config': 0, 'mocosfl_jax.quickstart': 0, 'mocosfl_jax.cli': 0,
     'mocosfl_jax.precision': 0, 'mocosfl_jax.hugepages': 0,
+    'mocosfl_jax.view_draws': 0,
     'mocosfl_jax.models': 1, 'mocosfl_jax.data': 1, 'mocosfl_jax.algorithm.mapping': 1,
     'mocosfl_jax.run.metrics': 1, 'mocosfl_jax.run.checkpoints': 1,
     'mocosfl_jax.privacy': 1, 'mocosfl_jax.privacy.attack': 5,

@@ -42,10 +42,10 @@ def test_every_op_is_exercised():
   so the comparison above covers all of them."""
   u = np.asarray(augment.view_uniforms(jax.random.key(7), IMAGES.shape[:2])).reshape(
       -1, augment.NUM_UNIFORMS)
-  for index, p in ((edge_augment._U_FLIP, edge_augment.P_FLIP),
-                   (edge_augment._U_P_JITTER, edge_augment.P_JITTER),
-                   (edge_augment._U_GRAY, edge_augment.P_GRAY),
-                   (edge_augment._U_BLUR, edge_augment.P_BLUR)):
+  for index, p in ((edge_augment.U_FLIP, edge_augment.P_FLIP),
+                   (edge_augment.U_P_JITTER, edge_augment.P_JITTER),
+                   (edge_augment.U_GRAY, edge_augment.P_GRAY),
+                   (edge_augment.U_BLUR, edge_augment.P_BLUR)):
     assert (u[:, index] < p).any() and (u[:, index] >= p).any()
 
 

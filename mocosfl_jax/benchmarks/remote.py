@@ -45,13 +45,17 @@ NUM_CLIENTS = 10
 LOG_EVERY = 10
 
 
+def _fields(steps: int) -> dict:
+  """The setting: configs/tiny.py's fields overridden (typed, so the bench's own config and
+  the commands' --config.FIELD=VALUE flags are the same values)."""
+  return dict(image_size=32, arch="resnet18", width=64, cut=2, bottleneck="C4S2", head="V2",
+              num_clients=NUM_CLIENTS, batch_size=1, queue_size=1024, num_steps=steps,
+              log_every_steps=LOG_EVERY, eval_every_steps=steps, checkpoint_every_steps=steps,
+              c_lr=0.0)
+
+
 def _overrides(steps: int) -> list:
-  return ["--config.image_size=32", "--config.arch=resnet18", "--config.width=64",
-          "--config.cut=2", "--config.bottleneck=C4S2", "--config.head=V2",
-          f"--config.num_clients={NUM_CLIENTS}", "--config.batch_size=1",
-          "--config.queue_size=1024", f"--config.num_steps={steps}",
-          f"--config.log_every_steps={LOG_EVERY}", f"--config.eval_every_steps={steps}",
-          f"--config.checkpoint_every_steps={steps}", "--config.c_lr=0"]
+  return [f"--config.{k}={v}" for k, v in _fields(steps).items()]
 
 
 def _config_path() -> str:
@@ -110,9 +114,7 @@ def run(steps: int, remote_counts, out: str, keep: str | None = None) -> dict:
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config()
-  for o in _overrides(steps):
-    key, value = o[len("--config."):].split("=")
-    config[key] = type(config[key])(value) if config[key] is not None else value
+  config.update(_fields(steps))
   exp = experiment.resolve(config)
   net = build(exp.model)
   result = {"machine": machine(), "load_average_before": os.getloadavg(),

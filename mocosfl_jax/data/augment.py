@@ -28,8 +28,9 @@ random parameters):
   6 px = 3 * sigma_max) with edge replication; PIL's `GaussianBlur(radius=sigma)` is a 3-pass
   extended box blur with the same variance and edge replication, so kernels differ slightly in
   shape, not in width (on a uniform-noise image at sigma 2: max |diff| 0.08, mean 0.006).
-* Randomness: each view draws one uniform vector from its own key (layout `_U_*` below); a flip /
-  grey / blur / jitter decision is `u < p`. Streams are obviously not torch's.
+* Randomness: each view draws one uniform vector from its own key (its layout, shared with edge
+  clients, is in mocosfl_jax/view_draws.py); a flip / grey / blur / jitter decision is `u < p`.
+  Streams are obviously not torch's.
 * dm-pix is used where its semantics equal torchvision's (hue shift, Rec.601 grayscale, flip).
   dm-pix's brightness (additive), contrast (per-channel mean, no clamp), saturation (HSV scaling)
   and blur (zero padding at the border) follow TensorFlow instead, so those are written here.
@@ -44,14 +45,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-PIPELINES = ("mocov2", "mocov1", "none")
-CROP_SCALE = (0.08, 1.0)
-CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
-CROP_ATTEMPTS = 10
-JITTER = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
-P_JITTER, P_GRAY, P_BLUR, P_FLIP = 0.8, 0.2, 0.5, 0.5
-BLUR_SIGMA = (0.1, 2.0)
-BLUR_RADIUS = int(math.ceil(3 * BLUR_SIGMA[1]))
+# The constants and the layout of each view's uniforms: shared with edge clients' numpy pipeline.
+from mocosfl_jax.view_draws import (BLUR_RADIUS, BLUR_SIGMA, CROP_ATTEMPTS, CROP_RATIO,  # noqa: F401
+                                    CROP_SCALE, CROP_UNIFORMS, JITTER, JITTER_UNIFORMS,
+                                    NUM_UNIFORMS, P_BLUR, P_FLIP, P_GRAY, P_JITTER, PIPELINES,
+                                    U_BLUR, U_CROP, U_FLIP, U_GRAY, U_JITTER, U_P_JITTER,
+                                    U_SIGMA, fallback_box)
 
 
 # ------------------------------------------------------------------ deterministic ops (float [0,1])
@@ -161,22 +160,6 @@ def resized_crop(img, box, out_size, planar_out: bool = False):
 
 # ------------------------------------------------------------------ random parameters
 
-def _fallback_box(height: int, width: int, ratio):
-  """torchvision's central-crop fallback after the attempts fail (static: depends on shape only)."""
-  in_ratio = width / height
-  if in_ratio < min(ratio):
-    w, h = width, int(round(width / min(ratio)))
-  elif in_ratio > max(ratio):
-    h, w = height, int(round(height * max(ratio)))
-  else:
-    w, h = width, height
-  return np.array([(height - h) // 2, (width - w) // 2, h, w], np.int32)
-
-
-CROP_UNIFORMS = 2 * CROP_ATTEMPTS + 2
-JITTER_UNIFORMS = 8
-
-
 def crop_box_from_uniforms(u, height: int, width: int, scale=CROP_SCALE, ratio=CROP_RATIO):
   """torchvision RandomResizedCrop.get_params driven by explicit uniforms, vectorised over attempts.
 
@@ -201,7 +184,7 @@ def crop_box_from_uniforms(u, height: int, width: int, scale=CROP_SCALE, ratio=C
   i = jnp.minimum(jnp.floor(u[-2] * (height - h + 1)).astype(jnp.int32), height - h)
   j = jnp.minimum(jnp.floor(u[-1] * (width - w + 1)).astype(jnp.int32), width - w)
   box = jnp.stack([i, j, h, w])
-  return jnp.where(jnp.any(ok), box, jnp.asarray(_fallback_box(height, width, ratio)))
+  return jnp.where(jnp.any(ok), box, jnp.asarray(np.array(fallback_box(height, width, ratio), np.int32)))
 
 
 def sample_crop_box(key, height: int, width: int, scale=CROP_SCALE, ratio=CROP_RATIO,
@@ -240,14 +223,6 @@ def _maybe(u, p, fn, img):
   return jnp.where(u < p, fn(img), img)
 
 
-# Layout of the per-view uniform vector (one PRNG call per view keeps compile time low on CPU).
-_U_CROP = slice(0, CROP_UNIFORMS)
-_U_JITTER = slice(CROP_UNIFORMS, CROP_UNIFORMS + JITTER_UNIFORMS)
-_U_FLIP, _U_P_JITTER, _U_GRAY, _U_BLUR, _U_SIGMA = range(CROP_UNIFORMS + JITTER_UNIFORMS,
-                                                         CROP_UNIFORMS + JITTER_UNIFORMS + 5)
-NUM_UNIFORMS = CROP_UNIFORMS + JITTER_UNIFORMS + 5
-
-
 # ------------------------------------------------------------------ pipelines
 
 def augment(key, image, mean, std, pipeline: str = "mocov2", out_size=None,
@@ -284,7 +259,7 @@ def augment(key, image, mean, std, pipeline: str = "mocov2", out_size=None,
 def augment_from_uniforms(u, image, mean, std, pipeline: str = "mocov2", out_size=None,
                           crop_scale=CROP_SCALE):
   """`augment` with its random draws given: u is the float32 [NUM_UNIFORMS] vector `augment`
-  draws from its key (layout `_U_*`). A remote client receives these from the server, so its
+  draws from its key (layout: view_draws.U_*). A remote client receives these from the server, so its
   views are those of the simulated run (deploy/remote)."""
   height, width = image.shape[0], image.shape[1]
   if out_size is None:
@@ -294,18 +269,18 @@ def augment_from_uniforms(u, image, mean, std, pipeline: str = "mocov2", out_siz
   img = image.astype(jnp.float32) / 255.0
   if pipeline == "none":
     return normalise(img, mean, std)
-  box = crop_box_from_uniforms(u[_U_CROP], height, width, scale=tuple(crop_scale))
+  box = crop_box_from_uniforms(u[U_CROP], height, width, scale=tuple(crop_scale))
   img = resized_crop(img, box, tuple(out_size), planar_out=True)  # CHW from here on
   chw = dict(channel_axis=0)
   if pipeline == "mocov1":
-    img = _maybe(u[_U_FLIP], P_FLIP, functools.partial(hflip, **chw), img)
-  jitter = functools.partial(jitter_from_uniforms, u[_U_JITTER], **chw)
-  img = _maybe(u[_U_P_JITTER], P_JITTER, jitter, img)
-  img = _maybe(u[_U_GRAY], P_GRAY, functools.partial(rgb_to_grayscale, **chw), img)
+    img = _maybe(u[U_FLIP], P_FLIP, functools.partial(hflip, **chw), img)
+  jitter = functools.partial(jitter_from_uniforms, u[U_JITTER], **chw)
+  img = _maybe(u[U_P_JITTER], P_JITTER, jitter, img)
+  img = _maybe(u[U_GRAY], P_GRAY, functools.partial(rgb_to_grayscale, **chw), img)
   if pipeline == "mocov2":
-    sigma = BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * u[_U_SIGMA]
-    img = _maybe(u[_U_BLUR], P_BLUR, lambda x: gaussian_blur(x, sigma, **chw), img)
-    img = _maybe(u[_U_FLIP], P_FLIP, functools.partial(hflip, **chw), img)
+    sigma = BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * u[U_SIGMA]
+    img = _maybe(u[U_BLUR], P_BLUR, lambda x: gaussian_blur(x, sigma, **chw), img)
+    img = _maybe(u[U_FLIP], P_FLIP, functools.partial(hflip, **chw), img)
   return normalise(jnp.moveaxis(img, 0, -1), mean, std)
 
 

@@ -102,7 +102,7 @@ def main(argv=None) -> int:
   args = parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
   try:
-    client_loop.check_address(args.server)
+    transport.check_address(args.server, "--server")
     model = run_client.ClientModel(args.model, threads=args.threads)
     images = read_data(args.data, model.size)
     token = client_loop.read_token(args.token_file, args.client_id)

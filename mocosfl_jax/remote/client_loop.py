@@ -162,11 +162,3 @@ def read_npy_images(path: str, size: int, flag: str = "--data") -> np.ndarray:
     raise ValueError(f"{flag} {path} holds {images.dtype} {images.shape}; expected uint8 "
                      f"(n, {size}, {size}, 3) RGB images")
   return images
-
-
-def check_address(text: str, flag: str = "--server") -> str:
-  """HOST:PORT, or a ValueError naming the flag."""
-  host, sep, port = text.rpartition(":")
-  if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
-    raise ValueError(f"{flag} {text!r}: expected HOST:PORT of the server, e.g. 192.168.1.2:50051")
-  return text

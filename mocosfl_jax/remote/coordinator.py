@@ -99,14 +99,9 @@ class Coordinator:
 
   def wait_connected(self, clients, timeout_s: float) -> bool:
     """Waits until every listed client is connected (True) or the timeout (False)."""
-    end = time.monotonic() + timeout_s
     with self.cond:
-      while not all(self._connected_locked(c) for c in clients):
-        left = end - time.monotonic()
-        if left <= 0:
-          return False
-        self.cond.wait(min(left, 0.5))
-      return True
+      return self._wait_until(lambda: all(self._connected_locked(c) for c in clients),
+                              timeout_s)
 
   def set_models(self, models: Mapping[int, dict]) -> None:
     """Each client's current model (flat tensors), sent in the Join reply."""
@@ -127,16 +122,11 @@ class Coordinator:
     """Waits until every connected client of the round uploaded (a client that took its task
     counts as connected), or the deadline; closes the uploads. Returns client -> (q, k) of those that arrived."""
     r = self.round
-    end = time.monotonic() + deadline_s
+    # A client that took its task is computing: it has until the deadline.
+    arrived = lambda: all(c in r.received or not (c in r.handed or self._connected_locked(c))
+                          for c in r.tasks)
     with self.cond:
-      while True:
-        pending = [c for c in r.tasks if c not in r.received]
-        # A client that took its task is computing: it has until the deadline.
-        waiting_for = [c for c in pending if c in r.handed or self._connected_locked(c)]
-        left = end - time.monotonic()
-        if not waiting_for or left <= 0:
-          break
-        self.cond.wait(min(left, 0.5))
+      self._wait_until(arrived, deadline_s)
       r.collecting = False
       return dict(r.received)
 
@@ -153,14 +143,9 @@ class Coordinator:
   def wait_models(self, clients, deadline_s: float) -> dict:
     """Sync step: waits for the listed clients' uploaded models (or the deadline)."""
     r = self.round
-    end = time.monotonic() + deadline_s
+    arrived = lambda: all(c in r.models or not self._connected_locked(c) for c in clients)
     with self.cond:
-      while True:
-        waiting_for = [c for c in clients if c not in r.models and self._connected_locked(c)]
-        left = end - time.monotonic()
-        if not waiting_for or left <= 0:
-          break
-        self.cond.wait(min(left, 0.5))
+      self._wait_until(arrived, deadline_s)
       r.collecting_models = False
       return dict(r.models)
 
@@ -178,16 +163,23 @@ class Coordinator:
     """The run is over: clients asking for work hear 'done'. Waits up to `timeout_s` for every
     connected client to have heard it (a client that asks after the server stops would keep
     retrying)."""
-    end = time.monotonic() + timeout_s
     with self.cond:
       self.done = True
       self.cond.notify_all()
-      while True:
-        left = end - time.monotonic()
-        untold = [c for c in self.joined if c not in self.told_done and self._connected_locked(c)]
-        if not untold or left <= 0:
-          return
-        self.cond.wait(min(left, 0.2))
+      self._wait_until(lambda: all(c in self.told_done or not self._connected_locked(c)
+                                   for c in self.joined), timeout_s)
+
+  def _wait_until(self, done: Callable[[], bool], timeout_s: float) -> bool:
+    """Waits (caller holds cond) until done() or the timeout; returns done(). Wakes on every
+    notify and at least twice a second, since whether a client counts as connected changes
+    with time alone."""
+    end = time.monotonic() + timeout_s
+    while not done():
+      left = end - time.monotonic()
+      if left <= 0:
+        return False
+      self.cond.wait(min(left, 0.5))
+    return True
 
   def _connected_locked(self, client: int) -> bool:
     return client in self.joined and (
@@ -259,31 +251,30 @@ class Coordinator:
 
   def _on_task(self, client: int, msg: wire.Message) -> bytes:
     wire.expect(msg, "task_request", ("client",))
-    end = time.monotonic() + self.poll_s
     with self.cond:
+      def has_task():
+        r = self.round
+        return (r is not None and r.collecting and client in r.tasks
+                and client not in r.received)
+
       self.waiting[client] = self.waiting.get(client, 0) + 1
       try:
-        while True:
-          if self.done:
-            self.told_done.add(client)
-            self.cond.notify_all()
-            return wire.encode("done", {"client": client})
-          r = self.round
-          if (r is not None and r.collecting and client in r.tasks
-              and client not in r.received):
-            pos, uni = r.tasks[client]
-            r.handed.add(client)
-            return wire.encode("task", {"client": client, "step": r.step, "epoch": r.epoch,
-                                        "batch_idx": r.batch_idx, "sync": r.sync,
-                                        "train": self.train},
-                               {"positions": pos, "uniforms": uni})
-          left = end - time.monotonic()
-          if left <= 0:
-            return wire.encode("wait", {"client": client})
-          self.cond.wait(left)
+        self._wait_until(lambda: self.done or has_task(), self.poll_s)
       finally:
         self.waiting[client] -= 1
-        self.last_seen[client] = time.monotonic()
+      if self.done:
+        self.told_done.add(client)
+        self.cond.notify_all()
+        return wire.encode("done", {"client": client})
+      if not has_task():
+        return wire.encode("wait", {"client": client})
+      round_ = self.round
+      pos, uni = round_.tasks[client]
+      round_.handed.add(client)
+      return wire.encode("task", {"client": client, "step": round_.step, "epoch": round_.epoch,
+                                  "batch_idx": round_.batch_idx, "sync": round_.sync,
+                                  "train": self.train},
+                         {"positions": pos, "uniforms": uni})
 
   def _round_for(self, client: int, step, recent: bool = False) -> Round:
     """The open round (or with `recent`, one of the last few), if `step` is its step and
@@ -317,14 +308,6 @@ class Coordinator:
       self.cond.notify_all()
     return wire.encode("ack", {"client": client, "step": msg["step"]})
 
-  def _wait_for(self, ready: Callable[[], object], end: float):
-    """Waits (caller holds cond) until ready() returns non-None, or None at `end`."""
-    while True:
-      value = ready()
-      if value is not None or time.monotonic() >= end:
-        return value
-      self.cond.wait(max(0.0, end - time.monotonic()))
-
   def _on_gradient(self, client: int, msg: wire.Message) -> bytes:
     wire.expect(msg, "grad_request", ("client", "step"))
     if not self.train:
@@ -335,8 +318,8 @@ class Coordinator:
       if client not in r.received and not r.collecting:
         raise wire.WireError(f"client {client} was left out of step {r.step} (its smashed data "
                              "did not arrive in time)", "FAILED_PRECONDITION")
-      reply = self._wait_for(lambda: None if r.grads is None else r.grads.get(client, b""),
-                             time.monotonic() + self.poll_s)
+      self._wait_until(lambda: r.grads is not None, self.poll_s)
+      reply = None if r.grads is None else r.grads.get(client, b"")
     if reply is None:
       return wire.encode("wait", {"client": client})
     if not reply:
@@ -369,8 +352,8 @@ class Coordinator:
     wire.expect(msg, "fetch_model", ("client", "step"))
     with self.cond:
       r = self._round_for(client, msg["step"], recent=True)
-      reply = self._wait_for(lambda: None if r.averaged is None else r.averaged.get(client, b""),
-                             time.monotonic() + self.poll_s)
+      self._wait_until(lambda: r.averaged is not None, self.poll_s)
+      reply = None if r.averaged is None else r.averaged.get(client, b"")
     if reply is None:
       return wire.encode("wait", {"client": client})
     if not reply:

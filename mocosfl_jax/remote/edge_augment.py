@@ -15,20 +15,12 @@ import math
 
 import numpy as np
 
-PIPELINES = ("mocov2", "mocov1", "none")
-CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
-CROP_ATTEMPTS = 10
-JITTER = (0.4, 0.4, 0.4, 0.1)
-P_JITTER, P_GRAY, P_BLUR, P_FLIP = 0.8, 0.2, 0.5, 0.5
-BLUR_SIGMA = (0.1, 2.0)
-BLUR_RADIUS = int(math.ceil(3 * BLUR_SIGMA[1]))
-CROP_UNIFORMS = 2 * CROP_ATTEMPTS + 2
-JITTER_UNIFORMS = 8
-_U_CROP = slice(0, CROP_UNIFORMS)
-_U_JITTER = slice(CROP_UNIFORMS, CROP_UNIFORMS + JITTER_UNIFORMS)
-_U_FLIP, _U_P_JITTER, _U_GRAY, _U_BLUR, _U_SIGMA = range(CROP_UNIFORMS + JITTER_UNIFORMS,
-                                                         CROP_UNIFORMS + JITTER_UNIFORMS + 5)
-NUM_UNIFORMS = CROP_UNIFORMS + JITTER_UNIFORMS + 5
+
+from mocosfl_jax.view_draws import (BLUR_RADIUS, BLUR_SIGMA, CROP_RATIO, CROP_UNIFORMS,  # noqa: F401
+                                    JITTER, NUM_UNIFORMS, P_BLUR, P_FLIP, P_GRAY, P_JITTER,
+                                    PIPELINES, U_BLUR, U_CROP, U_FLIP, U_GRAY, U_JITTER,
+                                    U_P_JITTER, U_SIGMA, fallback_box)
+
 _LUMA = np.array([0.2989, 0.5870, 0.1140], np.float32)
 _F = np.float32
 
@@ -59,17 +51,6 @@ def adjust_hue(img: np.ndarray, delta) -> np.ndarray:
   return np.clip(out, 0, 1).astype(np.float32)
 
 
-def _fallback_box(height: int, width: int, ratio=CROP_RATIO):
-  in_ratio = width / height
-  if in_ratio < min(ratio):
-    w, h = width, int(round(width / min(ratio)))
-  elif in_ratio > max(ratio):
-    h, w = height, int(round(height * max(ratio)))
-  else:
-    w, h = width, height
-  return (height - h) // 2, (width - w) // 2, h, w
-
-
 def crop_box(u: np.ndarray, height: int, width: int, scale, ratio=CROP_RATIO):
   """(i, j, h, w) from the crop's 2 * attempts + 2 uniforms (augment.crop_box_from_uniforms)."""
   attempts = (u.shape[0] - 2) // 2
@@ -80,7 +61,7 @@ def crop_box(u: np.ndarray, height: int, width: int, scale, ratio=CROP_RATIO):
   h = np.round(np.sqrt(target / aspect)).astype(np.int32)
   ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
   if not ok.any():
-    return _fallback_box(height, width, ratio)
+    return fallback_box(height, width, ratio)
   first = int(np.argmax(ok))
   w, h = int(w[first]), int(h[first])
   i = min(int(np.floor(u[-2] * _F(height - h + 1))), height - h)
@@ -156,18 +137,18 @@ def augment(u: np.ndarray, image: np.ndarray, mean, std, pipeline: str = "mocov2
   if pipeline == "none":
     return ((img - mean) / std).astype(_F)
   u = np.asarray(u, _F)
-  img = resized_crop(img, crop_box(u[_U_CROP], height, width, crop_scale), out_size)
-  if pipeline == "mocov1" and u[_U_FLIP] < P_FLIP:
+  img = resized_crop(img, crop_box(u[U_CROP], height, width, crop_scale), out_size)
+  if pipeline == "mocov1" and u[U_FLIP] < P_FLIP:
     img = img[:, :, ::-1]
-  if u[_U_P_JITTER] < P_JITTER:
-    img = jitter(u[_U_JITTER], img)
-  if u[_U_GRAY] < P_GRAY:
+  if u[U_P_JITTER] < P_JITTER:
+    img = jitter(u[U_JITTER], img)
+  if u[U_GRAY] < P_GRAY:
     img = np.repeat(grey(img), 3, axis=0)
   if pipeline == "mocov2":
-    if u[_U_BLUR] < P_BLUR:
-      sigma = _F(BLUR_SIGMA[0]) + _F(BLUR_SIGMA[1] - BLUR_SIGMA[0]) * u[_U_SIGMA]
+    if u[U_BLUR] < P_BLUR:
+      sigma = _F(BLUR_SIGMA[0]) + _F(BLUR_SIGMA[1] - BLUR_SIGMA[0]) * u[U_SIGMA]
       img = gaussian_blur(img, sigma)
-    if u[_U_FLIP] < P_FLIP:
+    if u[U_FLIP] < P_FLIP:
       img = img[:, :, ::-1]
   return ((np.moveaxis(img, 0, -1) - mean) / std).astype(_F)
 

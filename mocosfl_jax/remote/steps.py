@@ -77,8 +77,12 @@ def prepare(cfg: plan.StepConfig, aug, state, images: sampler.TrainImages,
   return q, k, positions, augment.view_uniforms(step_key, (ids.shape[0], b))
 
 
-def _per_row(mask, x):
-  return mask.reshape((-1,) + (1,) * (x.ndim - 1))
+def rows_where(mask, new, old):
+  """Per row of the leading axis: `new` where mask (bool [n]) is set, else `old` (pytrees of
+  the same structure; `new` is cast to `old`'s dtypes)."""
+  return jax.tree.map(
+      lambda n, o: jnp.where(mask.reshape((-1,) + (1,) * (o.ndim - 1)), n.astype(o.dtype), o),
+      new, old)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(2,))
@@ -99,8 +103,7 @@ def deployed_step(net, cfg: plan.StepConfig, state, rows, views_q, views_k, remo
   a_q, a_k, online, momentum, residual = jax.vmap(
       functools.partial(parties.client_send, net, cfg))(sub.online, sub.momentum,
                                                         views_q, views_k)
-  a_q = jnp.where(_per_row(is_remote, a_q), remote_q.astype(a_q.dtype), a_q)
-  a_k = jnp.where(_per_row(is_remote, a_k), remote_k.astype(a_k.dtype), a_k)
+  a_q, a_k = rows_where(is_remote, (remote_q, remote_k), (a_q, a_k))
   server, grads, m = parties.server_step(net, cfg, tx, server, a_q, a_k, rows, epoch)
   lrs = parties.client_lrs(cfg, sub, epoch)
   opt_state = sub.opt_state
@@ -108,10 +111,9 @@ def deployed_step(net, cfg: plan.StepConfig, state, rows, views_q, views_k, remo
     online, opt_state = jax.vmap(functools.partial(parties.client_receive, net, cfg, tx))(
         online, sub.opt_state, views_q, views_k, grads, lrs, residual)
   # The remote rows' own state lives on their devices: the server's copy changes at syncs.
-  keep = lambda new, old: jax.tree.map(
-      lambda n, o: jnp.where(_per_row(is_remote, n), o, n), new, old)
-  sub = sub.replace(online=keep(online, sub.online), momentum=keep(momentum, sub.momentum),
-                    opt_state=keep(opt_state, sub.opt_state), count=sub.count + 1,
+  kept = rows_where(is_remote, (sub.online, sub.momentum, sub.opt_state),
+                    (online, momentum, opt_state))
+  sub = sub.replace(online=kept[0], momentum=kept[1], opt_state=kept[2], count=sub.count + 1,
                     draws=sub.draws + 1)
   clients = jax.tree.map(lambda full, part: full.at[rows].set(part), clients, sub)
   metrics = dict(m, client_lr=jnp.mean(lrs), client_lrs=lrs)
@@ -134,21 +136,15 @@ def sync_rows(cfg: plan.StepConfig, state, rows, uploaded, has_upload, take_part
   """
   clients = state.clients
   sub = jax.tree.map(lambda x: x[rows], clients)
-  pick = lambda new, old: jax.tree.map(
-      lambda n, o: jnp.where(_per_row(has_upload, n), n.astype(o.dtype), o), new, old)
-  sub = sub.replace(online=pick(uploaded['online'], sub.online),
-                    momentum=pick(uploaded['momentum'], sub.momentum))
+  sub = sub.replace(online=rows_where(has_upload, uploaded['online'], sub.online),
+                    momentum=rows_where(has_upload, uploaded['momentum'], sub.momentum))
   mask = take_part.astype(jax.tree.leaves(sub.online)[0].dtype)
   synced, divergences = sync_lib.fedavg_if(True, sub, cfg.momentum_sync, mask,
                                            keep_params=cfg.frozen_clients)
-  sub = synced.replace(online=pick_rows(take_part, synced.online, sub.online),
-                       momentum=pick_rows(take_part, synced.momentum, sub.momentum))
+  sub = synced.replace(online=rows_where(take_part, synced.online, sub.online),
+                       momentum=rows_where(take_part, synced.momentum, sub.momentum))
   clients = jax.tree.map(lambda full, part: full.at[rows].set(part), clients, sub)
   return state.replace(clients=clients), divergences
-
-
-def pick_rows(mask, new, old):
-  return jax.tree.map(lambda n, o: jnp.where(_per_row(mask, n), n, o), new, old)
 
 
 class RemoteStepper:
@@ -210,7 +206,7 @@ class RemoteStepper:
                         if c not in self.remote or c in got], np.int32)
     rows = ids[present]
     is_remote = np.array([c in got for c in rows.tolist()])
-    shape = (len(rows),) + self._smashed_shape()
+    shape = (len(rows), cfg.rows_per_client) + tuple(net.smashed_shape)
     rq, rk = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
     for i, c in enumerate(rows.tolist()):
       if c in got:
@@ -233,11 +229,6 @@ class RemoteStepper:
     # and how many remote clients of the pool were left out.
     return state, dict(m, synced=jnp.asarray(float(sync)), remote_wait_s=waited,
                        remote_absent=float(len(in_pool) - len(got)), **divergences)
-
-  def _smashed_shape(self):
-    cfg = self.exp.step
-    per = 2 * cfg.batch_size if cfg.loss_form == "two_view" else cfg.batch_size
-    return (per,) + tuple(self.net.smashed_shape)
 
   def _sync(self, state, rows, remote_rows):
     cfg = self.exp.step

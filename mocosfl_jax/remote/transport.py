@@ -28,6 +28,17 @@ METHODS = ("Join", "Task", "Smashed", "Gradient", "Model", "FetchModel")
 log = logging.getLogger("mocosfl_jax.remote")
 
 
+def check_address(text: str, flag: str, *, listen: bool = False) -> str:
+  """HOST:PORT, or a ValueError naming the flag. A server may listen on port 0 (a free port)."""
+  host, sep, port = text.rpartition(":")
+  lowest = 0 if listen else 1
+  if not sep or not host or not port.isdigit() or not lowest <= int(port) <= 65535:
+    example = ("127.0.0.1:50051 or 0.0.0.0:50051 (port 0 picks a free one)" if listen
+               else "192.168.1.2:50051")
+    raise ValueError(f"{flag} {text!r}: expected HOST:PORT, e.g. {example}")
+  return text
+
+
 class RemoteError(RuntimeError):
   """A call the other side refused or that failed: `code` is the grpc.StatusCode name."""
 

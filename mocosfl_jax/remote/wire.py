@@ -150,27 +150,3 @@ def check_tensor(name: str, x: np.ndarray, dtype, shape) -> None:
     raise WireError(f"{name} has shape {tuple(x.shape)}, expected {tuple(shape)}")
   if np.issubdtype(dtype, np.floating) and not np.all(np.isfinite(x)):
     raise WireError(f"{name} holds NaN or Inf values")
-
-
-def flatten(tree: Mapping, prefix: str = "") -> dict:
-  """Nested dict of arrays -> {'a/b/c': array} (a model's variables as message tensors)."""
-  out = {}
-  for k, v in tree.items():
-    path = f"{prefix}{k}"
-    if isinstance(v, Mapping):
-      out.update(flatten(v, path + "/"))
-    else:
-      out[path] = np.asarray(v)
-  return out
-
-
-def unflatten(flat: Mapping[str, np.ndarray]) -> dict:
-  """{'a/b/c': array} -> nested dict (inverse of `flatten`)."""
-  out: dict = {}
-  for path, v in flat.items():
-    node = out
-    *parents, leaf = path.split("/")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = v
-  return out
