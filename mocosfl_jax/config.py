@@ -50,6 +50,11 @@ def get_config():
   c.c_residual = True
   c.width = 64
   # Algorithm.
+  c.method = "mocosfl"            # mocosfl (split learning; MonAcoSFL by its fields) | flmoco:
+                                  # the FL-MoCo baseline, every client holds the whole network
+                                  # and its own queue of queue_size keys (algorithm/flmoco.py)
+  c.local_epochs = 5              # flmoco: passes over a client's data per round (FedAvg at the
+                                  # sync rule, avg_freq syncs per round; the reference's 5)
   c.loss_form = "original"        # original (MocoSFL) | two_view (MonAcoSFL) | single (V1)
   c.momentum_sync = False         # True = MonAcoSFL
   c.queue_size = 6000

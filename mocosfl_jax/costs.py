@@ -2,6 +2,10 @@
 
     python -m mocosfl_jax.costs --arch resnet18 --bottleneck C4S2 --frozen-client --json
 
+Beside the split rows, an 'FL' row gives the same costs for the FL-MoCo baseline (every client
+trains the whole network: backbone and projection head; algorithm/flmoco.py), the paper's
+comparison.
+
 FLOPs and memory are not hand formulas: they come from XLA's cost and memory analysis of the
 compiled client functions at batch 1 (FLOPs count a multiply-add as 2, unlike fvcore's 1).
 
@@ -12,6 +16,9 @@ network's activations), and counts a model sync in one direction only. We count
   per step:  upload query + key activations, download the query gradient
              (two_view form: 2B rows each way; frozen client: uploads only),
   per sync:  upload the client model and download the average (x2 with momentum sync).
+FL-MoCo exchanges no activations; its clients upload and download the whole online network once
+per round of `local_epochs` epochs (the reference's avg_freq 1), and its training step runs both
+views through the online network with gradient (the symmetric loss) and the momentum network.
 """
 import dataclasses
 import json
@@ -43,11 +50,12 @@ class Traffic:
   loss_form: str = "original"    # 'original' | 'two_view' | 'single'
   momentum_sync: bool = False    # MonAcoSFL also ships the momentum model
   frozen_client: bool = False    # TAResSFL deployment: no gradient, no sync
+  local_epochs: int = 5          # FL-MoCo: epochs per round, one sync per round
 
 
 def validate_traffic(t: Traffic) -> None:
   """Raises ValueError naming the field for counts training would reject (or divide by)."""
-  for name in ("batch_size", "samples_per_client", "epochs", "sync_every"):
+  for name in ("batch_size", "samples_per_client", "epochs", "sync_every", "local_epochs"):
     value = getattr(t, name)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
       raise ValueError(f"{name}={value!r}: must be an integer >= 1")
@@ -132,6 +140,66 @@ def _reference_calculator_mib(smashed_floats, client_params, t: Traffic) -> floa
   return (activations + t.epochs * syncs_per_epoch * client_params) * FLOAT_BYTES / MIB
 
 
+def fl_compute(net, batch_size: int = 1) -> dict:
+  """XLA FLOPs of one forward of the whole network and bytes of one FL-MoCo training step."""
+  c_vars = jax.eval_shape(net.init_client, jax.random.key(0))
+  s_vars = jax.eval_shape(net.init_server, jax.random.key(0))
+  x = jax.ShapeDtypeStruct((batch_size, *net.input_shape), jnp.float32)
+
+  def forward(c, s, x):
+    return net.apply_server(s, net.apply_client(c, x)[0])[0]
+
+  fwd_flops, _ = _compiled_stats(lambda c, s, x: forward(c, s, x[:1]), c_vars, s_vars, x)
+
+  def train_step(online, momentum, buf, x_q, x_k):
+    # Both views through the online network with gradient (symmetric loss), the momentum
+    # network on both views, SGD with momentum on every parameter.
+    def loss(params):
+      c, s = ({**online[0], "params": params[0]}, {**online[1], "params": params[1]})
+      z = forward(c, s, jnp.concatenate([x_q, x_k]))
+      return jnp.sum(z * jax.lax.stop_gradient(forward(*momentum, jnp.concatenate([x_k, x_q]))))
+    params = (online[0]["params"], online[1]["params"])
+    g = jax.grad(loss)(params)
+    buf = jax.tree.map(lambda b, g, p: 0.9 * b + g + 5e-4 * p, buf, g, params)
+    return jax.tree.map(lambda p, b: p - 0.05 * b, params, buf), buf
+
+  params = (c_vars["params"], s_vars["params"])
+  _, train_bytes = _compiled_stats(train_step, (c_vars, s_vars), (c_vars, s_vars), params, x, x)
+  return {"client_forward_flops": fwd_flops, "client_memory_bytes": train_bytes}
+
+
+def fl_communication(params: int, t: Traffic) -> dict:
+  """FL-MoCo's traffic: no activations; the whole model up and the average down per round."""
+  sync = 2 * params * FLOAT_BYTES
+  per_epoch = sync / t.local_epochs
+  return {
+      "upload_bytes_per_step": 0,
+      "download_bytes_per_step": 0,
+      "sync_bytes_per_sync": sync,
+      "bytes_per_epoch": per_epoch,
+      "total_mib": t.epochs * per_epoch / MIB,
+      # The reference calculator's FL scheme: (E // f) one-way model transfers.
+      "reference_calculator_mib": (t.epochs // t.local_epochs) * params * FLOAT_BYTES / MIB,
+  }
+
+
+def fl_row(arch: str, *, input_size: int = 32, head: str = "V2", traffic: Traffic = Traffic(),
+           width: int = 64) -> dict:
+  """The FL-MoCo row: every client holds the whole network (backbone and head)."""
+  validate_traffic(traffic)
+  cfg = SplitConfig(arch=arch, cut=1, bottleneck="None", input_size=input_size, head=head,
+                    width=width, conv_impl="lax")
+  validate(cfg)
+  net = build(cfg)
+  params = sum(count_params(jax.eval_shape(f, jax.random.key(0))["params"])
+               for f in (net.init_client, net.init_server))
+  row = {"cut": "FL", "client_params": params, "server_params": 0, "smashed_shape": "-",
+         "smashed_floats": 0}
+  row.update(fl_compute(net, traffic.batch_size))
+  row.update(fl_communication(params, traffic))
+  return row
+
+
 def cost_table(arch: str, *, bottleneck: str = "None", input_size: int = 32, head: str = "V2",
                cuts=None, traffic: Traffic = Traffic(), width: int = 64) -> list[dict]:
   """One row per cut (default: every cut). Every argument is checked before anything compiles:
@@ -209,15 +277,20 @@ def define_flags(flag_values: flags.FlagValues, argv) -> None:
                     **fv)
   flags.DEFINE_bool("momentum-sync", False, "MonAcoSFL: sync momentum models.", **fv)
   flags.DEFINE_bool("frozen-client", False, "TAResSFL deployment.", **fv)
+  flags.DEFINE_integer("local-epochs", 5, "FL-MoCo row: epochs per round (one sync each).",
+                       **fv)
+  flags.DEFINE_bool("fl", True, "Add the FL-MoCo row (whole network on every client).", **fv)
   flags.DEFINE_bool("json", False, "Print JSON instead of a table.", **fv)
 
 
 def costs_command(a) -> int:
   """Prints the cost table (or its JSON) for the flags' architecture and traffic."""
   traffic = Traffic(a.batch_size, a.samples_per_client, a.epochs, a.sync_every, a.loss_form,
-                    a.momentum_sync, a.frozen_client)
+                    a.momentum_sync, a.frozen_client, a.local_epochs)
   rows = cost_table(a.arch, bottleneck=a.bottleneck, input_size=a.input_size, head=a.head,
                     cuts=_parse_cuts(a.cuts), traffic=traffic)
+  if a.fl:
+    rows.append(fl_row(a.arch, input_size=a.input_size, head=a.head, traffic=traffic))
   if a.json:
     print(json.dumps({"arch": a.arch, "bottleneck": a.bottleneck, "input_size": a.input_size,
                       "traffic": dataclasses.asdict(traffic), "rows": rows}, indent=1))

@@ -28,8 +28,9 @@ def define_flags(flag_values: flags.FlagValues, argv) -> None:
                       flag_values=flag_values)
   flags.DEFINE_string("protocol", "knn,linear,semi", "Comma list of knn, linear, semi.",
                       flag_values=flag_values)
-  flags.DEFINE_string("recipe", "reference,clean", "Probe recipes: reference and/or clean.",
-                      flag_values=flag_values)
+  flags.DEFINE_string("recipe", "reference,clean",
+                      "Probe recipes: reference, clean, flmoco (an FL-MoCo run's reference "
+                      "linear probe is flmoco's).", flag_values=flag_values)
   flags.DEFINE_integer("epochs", 100, "Probe training epochs.", flag_values=flag_values)
   flags.DEFINE_integer("seed", 0, "Probe seed.", flag_values=flag_values)
 

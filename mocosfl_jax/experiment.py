@@ -135,8 +135,35 @@ def check_fields(c: ml_collections.ConfigDict, *, strict: bool = True) -> None:
   config_lib.parse_init_from(c.init_from)   # the form only; run/init_from.py reads the run
   _need(c.init_momentum in INIT_MOMENTUM, "init_momentum", c.init_momentum,
         f"valid: {', '.join(INIT_MOMENTUM)}")
+  _need(c.method in plan.METHODS, "method", c.method, f"valid: {', '.join(plan.METHODS)}")
+  _need(isinstance(c.local_epochs, int) and c.local_epochs >= 1, "local_epochs", c.local_epochs,
+        "must be an int >= 1")
+  if c.method == "flmoco":
+    check_flmoco(c)
   if strict:
     check_nothing_ignored(c)
+
+
+def check_flmoco(c: ml_collections.ConfigDict) -> None:
+  """Refuses what FL-MoCo (every client trains the whole network) cannot mean, naming the fix.
+
+  The step's own settings (loss form, momentum sync, per-client queues, TAResSFL) are checked
+  by plan.StepConfig.
+  """
+  why = "with method='flmoco' (every client trains the whole network; nothing is split)"
+  _need(c.bottleneck == "None", "bottleneck", c.bottleneck,
+        f"{why} there is no smashed data to compress; use bottleneck='None'")
+  _need(c.client_parallel == "vmap" and c.client_chunk == 0, "client_parallel",
+        f"{c.client_parallel}, client_chunk={c.client_chunk}",
+        f"{why} the clients run vmapped on one device; use client_parallel='vmap', "
+        "client_chunk=0")
+  _need(not c.aux_dataset, "aux_dataset", c.aux_dataset,
+        f"{why} the auxiliary set belongs to TAResSFL's expert; use aux_dataset=''")
+  _need(not c.init_from, "init_from", c.init_from,
+        f"{why} a warm start from a split run's checkpoint is not supported; use init_from=''")
+  _need("attack" not in c.final_protocols.split(","), "final_protocols", c.final_protocols,
+        f"{why} no smashed data leaves a client, so there is nothing for the model-inversion "
+        "attack to invert; drop 'attack'")
 
 
 def check_nothing_ignored(c: ml_collections.ConfigDict) -> None:
@@ -164,6 +191,12 @@ def check_nothing_ignored(c: ml_collections.ConfigDict) -> None:
   for field in ("ressfl_alpha", "ressfl_target_ssim", "attacker_decoder"):
     _need(c.ressfl or c[field] == defaults[field], field, c[field],
           "only TAResSFL's simulated attacker uses it; set ressfl=True or drop it")
+  _need(c.local_epochs == defaults.local_epochs or c.method == "flmoco", "local_epochs",
+        c.local_epochs, "only the FL-MoCo baseline has local epochs; set method='flmoco' or "
+        "drop local_epochs")
+  _need(c.client_schedule == defaults.client_schedule or c.method != "flmoco",
+        "client_schedule", c.client_schedule, "FL-MoCo steps every client's schedule once per "
+        "round (the reference); drop client_schedule or set method='mocosfl'")
   _need(c.init_momentum == defaults.init_momentum or c.init_from, "init_momentum",
         c.init_momentum, "only a warm start uses it (what the momentum nets start from); set "
         "init_from=DIR or drop init_momentum")
@@ -232,6 +265,8 @@ def resolve(config: ml_collections.ConfigDict, *, strict: bool = True) -> Experi
     _need(smallest >= batch_size, "batch_size", batch_size,
           f"the smallest client holds {smallest} samples; lower batch_size or num_clients")
   steps_per_epoch = math.ceil(len(parts[0]) / batch_size)  # reference: len(client 0's loader)
+  if c.method == "flmoco":                 # a round: local_epochs passes over client 0's data
+    steps_per_epoch *= c.local_epochs
   aux, rows = None, batch_size
   if c.aux_dataset:
     aux = _aux_data(c, batch_size, with_target, full_train.input_size, data_dir)
@@ -261,7 +296,8 @@ def resolve(config: ml_collections.ConfigDict, *, strict: bool = True) -> Experi
       weight_decay=c.weight_decay, lr_schedule=c.lr_schedule,
       client_schedule=c.client_schedule, num_epochs=num_epochs,
       steps_per_epoch=steps_per_epoch, avg_freq=min(avg_freq, steps_per_epoch),
-      feature_sharing=c.feature_sharing, sample_ratio=sample_ratio, ressfl=ressfl_cfg)
+      feature_sharing=c.feature_sharing, sample_ratio=sample_ratio, ressfl=ressfl_cfg,
+      method=c.method)
   num_steps = c.num_steps if c.num_steps > 0 else num_epochs * steps_per_epoch
   eval_every = c.eval_every_steps if c.eval_every_steps > 0 else steps_per_epoch
   aug = AugSpec(c.augmentation, tuple(map(float, train.mean)), tuple(map(float, train.std)),

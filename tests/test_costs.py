@@ -40,7 +40,9 @@ def test_paper_raspberry_pi_figures_resnet18_c4s2():
 def test_cli_json_and_bad_arch(capsys):
   assert costs.main(["--arch", "resnet_tiny", "--cuts", "1-2", "--json"]) == 0
   table = json.loads(capsys.readouterr().out)
-  assert [r["cut"] for r in table["rows"]] == [1, 2]
+  assert [r["cut"] for r in table["rows"]] == [1, 2, "FL"]     # FL-MoCo's row beside the cuts
+  assert costs.main(["--arch", "resnet_tiny", "--cuts", "1", "--nofl", "--json"]) == 0
+  assert [r["cut"] for r in json.loads(capsys.readouterr().out)["rows"]] == [1]
   assert costs.main(["--arch", "resnet99"]) == 2
   assert "arch='resnet99' is unknown; valid" in capsys.readouterr().err
 

@@ -82,7 +82,7 @@ def client_inputs(loss_form: str, x_q: jax.Array, x_k: jax.Array):
   return x_q, x_k
 
 
-def _embed(net, variables: dict, x: jax.Array):
+def embed(net, variables: dict, x: jax.Array):
   """Normalised projection and the variables with updated running stats (params unchanged)."""
   proj, new_vars = net.apply_server(variables, x, train=True)
   new = dict(variables)
@@ -124,8 +124,8 @@ def server_loss(net, loss_form: str, temperature: float, online_vars: dict, mome
   """
   a_k = jax.lax.stop_gradient(a_k)
   if loss_form in ('two_view', 'single'):
-    q, online_vars = _embed(net, online_vars, a_q)
-    k, momentum_vars = _embed(net, momentum_vars, a_k)
+    q, online_vars = embed(net, online_vars, a_q)
+    k, momentum_vars = embed(net, momentum_vars, a_k)
     k = jax.lax.stop_gradient(k)
     loss, acc, pos = info_nce(q, k, queue, temperature)
     aux = dict(online_vars=online_vars, momentum_vars=momentum_vars, keys=k,
@@ -142,17 +142,17 @@ def server_loss(net, loss_form: str, temperature: float, online_vars: dict, mome
     # Same maths as the four calls below when rows are independent: online W on [A_q; A_k]
     # (clients get gradient only through the A_q rows), target W' on [A_k; A_q].
     r = a_q.shape[0]
-    q, online_vars = _embed(net, online_vars, jnp.concatenate([a_q, a_k], axis=0))
-    k, momentum_vars = _embed(net, momentum_vars,
+    q, online_vars = embed(net, online_vars, jnp.concatenate([a_q, a_k], axis=0))
+    k, momentum_vars = embed(net, momentum_vars,
                               jnp.concatenate([a_k, jax.lax.stop_gradient(a_q)], axis=0))
     q1, q2 = q[:r], q[r:]
     k2, k1 = jax.lax.stop_gradient(k[:r]), jax.lax.stop_gradient(k[r:])
   else:
     # Call order W(Aq), W'(Ak), W(Ak), W'(Aq) as the reference (BN running stats).
-    q1, online_vars = _embed(net, online_vars, a_q)
-    k2, momentum_vars = _embed(net, momentum_vars, a_k)
-    q2, online_vars = _embed(net, online_vars, a_k)
-    k1, momentum_vars = _embed(net, momentum_vars, jax.lax.stop_gradient(a_q))
+    q1, online_vars = embed(net, online_vars, a_q)
+    k2, momentum_vars = embed(net, momentum_vars, a_k)
+    q2, online_vars = embed(net, online_vars, a_k)
+    k1, momentum_vars = embed(net, momentum_vars, jax.lax.stop_gradient(a_q))
     k1, k2 = jax.lax.stop_gradient(k1), jax.lax.stop_gradient(k2)
   # Term 1: l(Aq, Ak). Term 2: l(Ak, Aq): server online on client-*target* features; Aq enters
   # W' without grad.

@@ -17,6 +17,8 @@ LOSS_FORMS = ('original', 'two_view', 'single')
 LR_SCHEDULES = ('cosine', 'multistep')
 CLIENT_SCHEDULES = ('per_participation', 'per_epoch')
 FLAVOURS = ('mocosfl', 'monacosfl')
+METHODS = ('mocosfl', 'flmoco')
+FLMOCO_LOSS_FORMS = ('original', 'single')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +89,10 @@ class StepConfig:
     feature_sharing: one shared queue (True, default) or per-client queues.
     sample_ratio: r in (0, 1]; used to derive pool_size.
     ressfl: None, or TAResSFL's simulated attacker and regulariser (`RessflConfig`).
+    method: 'mocosfl' (split learning, this module's step) or 'flmoco' (the FL-MoCo baseline,
+      algorithm/flmoco.py: every client trains the whole network with its own queue of
+      `queue_size` keys, at learning rate c_lr on the per-round schedule; `client_schedule`
+      does not apply and the symmetric loss is 'original', the non-symmetric 'single').
   """
   num_clients: int
   batch_size: int
@@ -108,6 +114,7 @@ class StepConfig:
   feature_sharing: bool = True
   sample_ratio: float = 1.0
   ressfl: Optional[RessflConfig] = None
+  method: str = 'mocosfl'
 
   def __post_init__(self):
     check_sample_ratio(self.sample_ratio)
@@ -176,7 +183,10 @@ class StepConfig:
          f'avg_freq={self.avg_freq} > steps_per_epoch={self.steps_per_epoch}: '
          f'steps_per_epoch // avg_freq == 0 (the reference divides by zero); need avg_freq <= '
          f'steps_per_epoch.')
-    if self.feature_sharing:
+    need(self.method in METHODS, f'method={self.method!r}; valid: {METHODS}.')
+    if self.method == 'flmoco':
+      self._validate_flmoco(need)
+    elif self.feature_sharing:
       need(self.queue_size >= self.keys_per_step,
            f'queue_size={self.queue_size} is smaller than the {self.keys_per_step} keys enqueued '
            f'per step (pool_size * {self.keys_per_client} for loss_form={self.loss_form!r}); need '
@@ -187,6 +197,28 @@ class StepConfig:
            f'{self.client_queue_size} rows are smaller than the {self.keys_per_client} keys each '
            f'client enqueues per step; need queue_size >= '
            f'{self.keys_per_client * self.num_clients}.')
+
+
+  def _validate_flmoco(self, need) -> None:
+    """FL-MoCo: each client's own queue of K keys; the settings only split learning has."""
+    need(self.loss_form in FLMOCO_LOSS_FORMS,
+         f'loss_form={self.loss_form!r} with method=flmoco; valid: {FLMOCO_LOSS_FORMS} (the '
+         "reference's FL-MoCo has the symmetric two-term loss, 'original', or the "
+         "non-symmetric one, 'single').")
+    need(self.feature_sharing,
+         'feature_sharing=False with method=flmoco: every FL-MoCo client already has its own '
+         'queue of queue_size keys; drop feature_sharing.')
+    need(not self.momentum_sync,
+         'momentum_sync=True with method=flmoco: FL-MoCo averages the online models only (the '
+         'reference); momentum sync is MonAcoSFL\'s, drop it.')
+    need(self.ressfl is None, 'ressfl with method=flmoco: FL-MoCo sends no smashed data, so '
+         "there is nothing for TAResSFL's attacker to invert; drop ressfl.")
+    need(self.c_lr > 0, f'c_lr={self.c_lr!r} with method=flmoco: FL-MoCo clients train the '
+         'whole network at c_lr (default: lr); it must be > 0.')
+    need(self.queue_size >= self.keys_per_client,
+         f'queue_size={self.queue_size} is smaller than the {self.keys_per_client} keys each '
+         f'FL-MoCo client enqueues per step ({self.keys_per_client // self.batch_size} x '
+         f'batch_size); need queue_size >= {self.keys_per_client}.')
 
 
 def check_sample_ratio(sample_ratio) -> None:

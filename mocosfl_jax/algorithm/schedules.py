@@ -90,3 +90,15 @@ def client_lr(cfg: StepConfig, count, epoch):
   if cfg.lr_schedule == 'cosine':
     return cosine(cfg.c_lr, t, cfg.num_epochs)
   return multistep(cfg.c_lr, t, milestones(cfg.num_epochs), CLIENT_GAMMA)
+
+
+FLMOCO_MILESTONES = (60, 120, 160)
+
+
+def flmoco_lr(cfg: StepConfig, epoch):
+  """An FL-MoCo client's LR during 0-based round `epoch`: the reference steps every client's
+  scheduler once per round, cosine with T_max = E, or MultiStep at the fixed rounds
+  (60, 120, 160) with gamma 0.2 (its run_flmoco.py; not scaled with E), from c_lr."""
+  if cfg.lr_schedule == 'cosine':
+    return cosine(cfg.c_lr, epoch, cfg.num_epochs)
+  return multistep(cfg.c_lr, epoch, FLMOCO_MILESTONES, CLIENT_GAMMA)

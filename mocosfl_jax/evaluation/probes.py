@@ -11,6 +11,9 @@ Arrays in, accuracy (percent) out. Each probe has two recipes:
     the first epochs.
 * 'clean' shuffles every epoch and uses a cosine schedule over epochs (T_max = epochs, constant
   within an epoch), for both probes.
+* 'flmoco' is the reference's FL-MoCo baseline (its run_flmoco.py): the linear probe trains with
+  SGD (lr 3.0, momentum 0.9, weight decay 1e-4) and a cosine schedule with T_max = epochs
+  stepped per iteration, data unshuffled; its semi-supervised probe is the 'reference' one.
 
 Both recipes evaluate on the test set after every epoch and return the final-epoch accuracy and
 the best over epochs (the reference reports only the latter, which selects on the test set).
@@ -35,8 +38,10 @@ import numpy as np
 import optax
 
 from mocosfl_jax.algorithm import losses
+from mocosfl_jax.algorithm import optim
 
-RECIPES = ("reference", "clean")
+RECIPES = ("reference", "clean", "flmoco")
+FLMOCO_LINEAR_LR = 3.0
 PROBES = ("linear", "semi")
 _BN_EPS = 1e-5
 _BN_MOMENTUM = 0.1  # PyTorch convention: running = (1 - m) * running + m * batch.
@@ -65,7 +70,7 @@ def probe_lr_schedule(probe: str, recipe: str, *, lr: float, epochs: int, steps_
       return lr * 0.5 * (1.0 + jnp.cos(jnp.pi * epoch / epochs))
     return clean
   if probe == "linear":
-    t_max = max(1, epochs // 4)
+    t_max = epochs if recipe == "flmoco" else max(1, epochs // 4)
 
     def cosine_per_iteration(count):
       # Closed form of torch CosineAnnealingLR (eta_min 0) past T_max: it bounces, period 2*T_max.
@@ -134,8 +139,11 @@ def _run(key, lr, train_x, train_y, test_x, test_y, *, probe, recipe, epochs, ba
   schedule = probe_lr_schedule(probe, recipe, lr=lr, epochs=epochs, steps_per_epoch=steps)
   init_key, shuffle_key = jax.random.split(key)
   params, bn_state = _init(probe, init_key, train_x.shape[1], num_classes, hidden)
-  adam = optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8)  # torch.optim.Adam defaults.
-  opt_state = adam.init(params)
+  if recipe == "flmoco" and probe == "linear":   # torch.optim.SGD(momentum 0.9, wd 1e-4)
+    opt = optim.make_sgd(momentum=0.9, weight_decay=1e-4)
+  else:
+    opt = optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8)  # torch.optim.Adam defaults.
+  opt_state = opt.init(params)
   mask = (jnp.arange(steps * batch_size) < n).reshape(steps, batch_size)
 
   def loss_fn(params, bn_state, x, y, m):
@@ -148,7 +156,7 @@ def _run(key, lr, train_x, train_y, test_x, test_y, *, probe, recipe, epochs, ba
     idx, m, count = inputs
     x, y = train_x[idx], train_y[idx]
     (_, bn_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, bn_state, x, y, m)
-    updates, opt_state = adam.update(grads, opt_state)
+    updates, opt_state = opt.update(grads, opt_state, params)
     step_lr = schedule(count)
     params = jax.tree.map(lambda p, u: p - step_lr * u, params, updates)
     return (params, bn_state, opt_state), step_lr
@@ -216,6 +224,11 @@ def linear_probe(train_x, train_y, test_x, test_y, num_classes: int, *, key,
   """
   return _probe("linear", key, train_x, train_y, test_x, test_y, num_classes, recipe, epochs,
                 batch_size, lr, hidden=0)
+
+
+def linear_lr(recipe: str) -> float:
+  """The linear probe's base learning rate under `recipe` (Adam 1e-3; FL-MoCo's SGD 3.0)."""
+  return FLMOCO_LINEAR_LR if recipe == "flmoco" else 1e-3
 
 
 def label_subset(key, num_examples: int, fraction: float) -> np.ndarray:

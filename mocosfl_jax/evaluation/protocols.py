@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from mocosfl_jax import experiment as experiment_lib
-from mocosfl_jax.algorithm import plan, state as state_lib
+from mocosfl_jax.algorithm import flmoco, plan, state as state_lib
 from mocosfl_jax.evaluation import features, knn, probes
 from mocosfl_jax.models import SplitConfig, build
 from mocosfl_jax.run import checkpoints
@@ -35,8 +35,11 @@ def knn_monitor(exp: experiment_lib.Experiment, net):
   embed = features.embed_fn(net, jnp.asarray(exp.aug.mean), jnp.asarray(exp.aug.std))
   c = exp.config
   default = ("val", "test") if exp.val is not None else ("test",)
+  fl = exp.step.method == "flmoco"
 
   def fn(clients, server, splits=None) -> dict:
+    if fl:        # the training state's layout: every client's whole network
+      clients, server = flmoco.global_model(clients, server)
     queries = {name: getattr(exp, name) for name in (splits or default)}
     accs = features.knn_accuracies(embed, clients, server, exp.train, queries, k=c.knn_k,
                                    t=c.knn_t, batch_size=c.eval_batch_size)
@@ -71,7 +74,8 @@ def restore_for_eval(workdir, checkpoint="best"):
                        "written by mocosfl_jax.run.train")
     net = build(SplitConfig.from_dict(meta["model"]))
     cfg = plan.StepConfig(**meta["step_config"])
-    abstract = state_lib.abstract_train_state(net, cfg)
+    abstract = (flmoco.abstract_state(net, cfg) if cfg.method == "flmoco"
+                else state_lib.abstract_train_state(net, cfg))
     return meta, net, ckpt.restore(s, {"clients": abstract.clients, "server": abstract.server})
 
   with checkpoints.Checkpointer(ckpt_dir, read_only=True) as ckpt:
@@ -102,6 +106,8 @@ def evaluate(workdir, checkpoint="best", protocols=("knn",), recipes=("reference
   if "knn" in protocols:
     results.update(knn_monitor(exp, net)(clients, server))
   if {"linear", "semi"} & set(protocols):
+    if exp.step.method == "flmoco":   # client 0's whole network (the average after a sync)
+      clients, server = flmoco.global_model(clients, server)
     fn = features.features_fn(net, mean, std)
     args = (features.client0(clients), server.online)
     keep = exp.train.labels >= 0
@@ -109,10 +115,13 @@ def evaluate(workdir, checkpoint="best", protocols=("knn",), recipes=("reference
     test_x = knn.extract_features(fn, exp.test.images, batch_size, args=args)
     train_y, test_y, classes = exp.train.labels[keep], exp.test.labels, exp.train.num_classes
     key = jax.random.key(seed)
+    fl = exp.step.method == "flmoco"
     for recipe in recipes:
       if "linear" in protocols:
+        # An FL-MoCo run's 'reference' linear probe is the reference's FL-MoCo recipe.
+        linear = "flmoco" if fl and recipe == "reference" else recipe
         r = probes.linear_probe(train_x, train_y, test_x, test_y, classes, key=key,
-                                recipe=recipe, epochs=epochs)
+                                recipe=linear, epochs=epochs, lr=probes.linear_lr(linear))
         results[f"linear_{recipe}"] = {"final": r.final_accuracy, "best": r.best_accuracy,
                                        "best_epoch": r.best_epoch}
       if "semi" in protocols:

@@ -338,6 +338,10 @@ def attack(workdir, checkpoint="best", client: int = 0, settings: Settings = Set
         f"no checkpoint under {ckpt_dir}; `python -m mocosfl_jax.main --config CONFIG "
         f"--workdir {workdir}` trains a run there and writes them")
   exp, net, clients, _, step = protocols.restore_for_eval(workdir, checkpoint)
+  if exp.step.method == "flmoco":
+    raise ValueError(f"{workdir} is an FL-MoCo run (method='flmoco'): its clients send no "
+                     "smashed data, so there is nothing to invert; attack a split run "
+                     "(method='mocosfl')")
   num_clients = int(jax.tree.leaves(clients.online)[0].shape[0])
   if not 0 <= client < num_clients:
     raise ValueError(f"{_flag('client', names)} {client} is out of range: the run has "

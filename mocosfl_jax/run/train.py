@@ -34,7 +34,7 @@ import numpy as np
 from mocosfl_jax import config as config_lib
 from mocosfl_jax import experiment as experiment_lib
 from mocosfl_jax import parallel
-from mocosfl_jax.algorithm import plan
+from mocosfl_jax.algorithm import flmoco, plan
 from mocosfl_jax.algorithm.state import TrainState
 from mocosfl_jax.data import augment, partition as partition_lib, sampler
 from mocosfl_jax.evaluation import protocols
@@ -258,7 +258,10 @@ def _run(exp, net, workdir: Path, primary: bool, warm=None, stepper=None) -> dic
   # replicated; built shard by shard, so each process holds only its own clients, and global
   # arrays from the start (orbax needs them when several processes save).
   mesh = par.mesh if par.mode == "shard_map" else None
-  state = parallel.create_train_state(net, cfg, init_key, mesh=mesh)
+  if cfg.method == "flmoco":     # every client holds the whole network (algorithm/flmoco.py)
+    state = flmoco.create_state(net, cfg, init_key)
+  else:
+    state = parallel.create_train_state(net, cfg, init_key, mesh=mesh)
   images = (parallel.place_images_by_client(exp.train.images, exp.parts, mesh) if mesh
             else sampler.TrainImages.flat(exp.train.images))
   aux_images = None
@@ -392,7 +395,11 @@ def _train_loop(exp, net, state, start, images, ckpt, writer, *, keys, window, e
       pool = None
     elif pool is None or b == 0:
       pool = plan.sample_pool(pool_key, epoch, cfg.num_clients, cfg.pool_size)
-    if stepper is None:
+    if stepper is None and cfg.method == "flmoco":
+      state, m = flmoco.simulated_step(net, cfg, exp.aug, state, images, table, data_key,
+                                       aug_key, pool, jnp.int32(epoch), jnp.int32(b),
+                                       jnp.int32(s))
+    elif stepper is None:
       state, m = simulated_step(net, cfg, exp.aug, state, images, table, data_key, aug_key, pool,
                                 jnp.int32(epoch), jnp.int32(b), exp.par, aux, aux_spec)
     else:
