@@ -195,7 +195,7 @@ def fl_row(arch: str, *, input_size: int = 32, head: str = "V2", traffic: Traffi
                for f in (net.init_client, net.init_server))
   row = {"cut": "FL", "client_params": params, "server_params": 0, "smashed_shape": "-",
          "smashed_floats": 0}
-  row.update(fl_compute(net, traffic.batch_size))
+  row.update(fl_compute(net))
   row.update(fl_communication(params, traffic))
   return row
 
@@ -268,6 +268,7 @@ def define_flags(flag_values: flags.FlagValues, argv) -> None:
   flags.DEFINE_string("bottleneck", "None", "Client-side bottleneck, e.g. C4S2.", **fv)
   flags.DEFINE_integer("input-size", 32, "Input image size.", **fv)
   flags.DEFINE_string("head", "V2", "Projection head.", **fv)
+  flags.DEFINE_integer("width", 64, "Base channel width (64: the paper's ResNets).", **fv)
   flags.DEFINE_string("cuts", None, "e.g. '1-9' or '1,2,5' (default: every cut).", **fv)
   flags.DEFINE_integer("batch-size", 1, "Images per client step.", **fv)
   flags.DEFINE_integer("samples-per-client", 50, "Training images per client.", **fv)
@@ -288,14 +289,16 @@ def costs_command(a) -> int:
   traffic = Traffic(a.batch_size, a.samples_per_client, a.epochs, a.sync_every, a.loss_form,
                     a.momentum_sync, a.frozen_client, a.local_epochs)
   rows = cost_table(a.arch, bottleneck=a.bottleneck, input_size=a.input_size, head=a.head,
-                    cuts=_parse_cuts(a.cuts), traffic=traffic)
+                    cuts=_parse_cuts(a.cuts), traffic=traffic, width=a.width)
   if a.fl:
-    rows.append(fl_row(a.arch, input_size=a.input_size, head=a.head, traffic=traffic))
+    rows.append(fl_row(a.arch, input_size=a.input_size, head=a.head, traffic=traffic,
+                       width=a.width))
   if a.json:
-    print(json.dumps({"arch": a.arch, "bottleneck": a.bottleneck, "input_size": a.input_size,
+    print(json.dumps({"arch": a.arch, "width": a.width, "bottleneck": a.bottleneck,
+                      "input_size": a.input_size,
                       "traffic": dataclasses.asdict(traffic), "rows": rows}, indent=1))
   else:
-    print(f"{a.arch} {a.input_size}px bottleneck={a.bottleneck} head={a.head} | "
+    print(f"{a.arch} width {a.width} {a.input_size}px bottleneck={a.bottleneck} head={a.head} | "
           f"{dataclasses.asdict(traffic)}")
     print(format_table(rows))
   return 0

@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from core_testlib import StandInNet, load_config, optimisations_off
+from core_testlib import CONFIG_DIR, StandInNet, load_config, optimisations_off
 from mocosfl_jax import costs, experiment
 from mocosfl_jax.algorithm import flmoco
 from mocosfl_jax.algorithm.plan import StepConfig
@@ -230,3 +230,12 @@ def test_cost_row_is_the_whole_network_without_activations():
   assert row['client_memory_bytes'] > split['client_memory_bytes']
   with pytest.raises(ValueError, match='local_epochs=0'):
     costs.fl_row('resnet_tiny', traffic=dataclasses.replace(traffic, local_epochs=0))
+
+
+def test_serve_and_attack_refuse_an_flmoco_run(tmp_path, capsys):
+  from mocosfl_jax import serve  # pylint: disable=g-import-not-at-top
+  rc = serve.main(['--config', str(CONFIG_DIR / 'tiny.py'), '--config.method=flmoco',
+                   '--workdir', str(tmp_path / 'served'), '--remote', '1',
+                   '--listen', '127.0.0.1:0'])
+  assert rc == 2 and 'has no server step to serve' in capsys.readouterr().err
+  assert not (tmp_path / 'served').exists()
