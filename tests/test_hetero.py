@@ -1,5 +1,6 @@
 """Heterogeneous clients: the hetero string, the rich / poor partitions, the per-group sampler,
 and the two-group step (algorithm/hetero_step.py) against a per-client Python loop."""
+import json
 import math
 
 import jax
@@ -8,12 +9,14 @@ import numpy as np
 import pytest
 
 from core_testlib import fast_compile  # noqa: F401  pylint: disable=unused-import
-from core_testlib import StandInNet, assert_states_close, copy_tree
+from core_testlib import CONFIG_DIR, StandInNet, assert_states_close, copy_tree, load_config
+from mocosfl_jax import experiment, main
 from mocosfl_jax.algorithm import hetero, hetero_step, losses, parties, plan, state
 from mocosfl_jax.algorithm.plan import StepConfig
 from mocosfl_jax.algorithm.state import ClientState
 from mocosfl_jax.data import partition as partition_lib
 from mocosfl_jax.data import sampler
+from mocosfl_jax.run import metrics
 
 SCHEDULE = ((0, 0), (0, 1), (1, 0))      # (epoch, batch_idx); b=1 is a sync step (S=4, avg 2)
 _COMMON = dict(num_clients=3, rich_clients=1, batch_size=2, rich_batch_size=6, num_epochs=3,
@@ -221,3 +224,51 @@ def test_step_config_refusals():
   vq, vk = _views(StepConfig(**dict(_COMMON, rich_batch_size=4)), 0)
   with pytest.raises(ValueError, match='rich_batch_size'):
     hetero_step.check_views(cfg, vq, vk)
+
+
+# ---- the run: config checks and the command line ----------------------------------------------
+
+def _tiny(**overrides):
+  config = load_config('tiny').get_config()
+  config.update(overrides)
+  return config
+
+
+@pytest.mark.parametrize('overrides, match', [
+    (dict(hetero='0.5_0.5|64|0.6_0.4'), r"config.hetero=.*rich batch int\(c\) \* batch_size = 128"),
+    (dict(hetero='0.5_0.5|2|0.6_0.4', sample_ratio=0.5), r'config.sample_ratio=0.5: client samp'),
+    (dict(hetero='0.5_0.5|2|0.6_0.4', feature_sharing=False), r'config.feature_sharing=False'),
+    (dict(hetero='0.5_0.5|2|0.6_0.4', partition='dirichlet'), r"config.partition='dirichlet'"),
+    (dict(hetero='0.5_0.5|2'), r"config.hetero='0.5_0.5\|2': needs three"),
+    (dict(hetero='reference', auto_adjust=True, num_clients=200),
+     r'auto_adjust samples 0.5 of the 200 clients'),
+])
+def test_bad_hetero_configs_name_the_field(overrides, match):
+  with pytest.raises(ValueError, match=match):
+    experiment.resolve(_tiny(**overrides))
+
+
+def test_reference_string_under_auto_adjust():
+  exp = experiment.resolve(_tiny(hetero='reference', auto_adjust=True, num_clients=100,
+                                 dataset='digits',
+                                 queue_size=6000, avg_freq=1))
+  assert (exp.step.rich_clients, exp.step.batch_size, exp.step.rich_batch_size) == (20, 1, 16)
+  sizes = [len(p) for p in exp.parts]
+  assert exp.step.steps_per_epoch == math.ceil(sizes[0] / 16)    # client 0 is rich
+  assert len(set(sizes[:20])) == 1 and sizes[0] > sizes[20]
+
+
+@pytest.mark.usefixtures('fast_compile')
+def test_cli_run_with_tiny_overrides(tmp_path, capsys):
+  workdir = tmp_path / 'run'
+  argv = ['--config', str(CONFIG_DIR / 'tiny.py'), '--workdir', str(workdir),
+          '--config.hetero=0.5_0.5|2|0.6_0.4', '--config.num_steps=3',
+          '--config.eval_every_steps=3', '--config.log_every_steps=3']
+  assert main.main(argv) == 0
+  assert 'final test kNN accuracy' in capsys.readouterr().out
+  saved = json.loads((workdir / 'config.json').read_text())['step']
+  assert (saved['rich_clients'], saved['rich_batch_size'], saved['batch_size']) == (2, 4, 2)
+  losses_ = [r['loss'] for r in metrics.read_metrics(workdir) if 'loss' in r]
+  assert len(losses_) == 1 and np.isfinite(losses_[0])
+  sizes = json.loads((workdir / 'partition.json').read_text())['sizes']
+  assert sizes[0] == sizes[1] > sizes[2]
