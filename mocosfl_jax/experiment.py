@@ -10,6 +10,7 @@ validate, `ClientParallel` by its constructor); the rest are checked here. Error
 ValueErrors that name the field, its value and what is allowed.
 """
 import dataclasses
+import functools
 import math
 from typing import Optional
 
@@ -285,10 +286,17 @@ def resolve(config: ml_collections.ConfigDict, *, strict: bool = True) -> Experi
   _need((train.labels >= 0).all() or method == "iid", "partition", c.partition,
         f"{c.dataset}'s training split has unlabelled rows, which only partition='iid' can "
         f"split (noniid_ratio=1)")
-  parts = partition_lib.partition(
-      train.labels, c.num_clients, method=c.partition, noniid_ratio=c.noniid_ratio,
-      alpha=c.dirichlet_alpha, data_proportion=c.data_proportion, seed=c.seed,
-      num_classes=train.num_classes, hetero=hetero_split)
+  split = functools.partial(
+      partition_lib.partition, train.labels, c.num_clients, method=c.partition,
+      noniid_ratio=c.noniid_ratio, alpha=c.dirichlet_alpha, data_proportion=c.data_proportion,
+      seed=c.seed, num_classes=train.num_classes)
+  if hetero_split is None:
+    parts = split()
+  else:
+    try:
+      parts = split(hetero=hetero_split)
+    except ValueError as e:
+      raise ValueError(f"config.hetero={c.hetero!r}: {e}") from None
   with_target = c.data_proportion > 0
   if rich:
     smallest = min(len(p) for p in parts[:rich])

@@ -3,6 +3,7 @@ and the two-group step (algorithm/hetero_step.py) against a per-client Python lo
 import json
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -211,6 +212,27 @@ def test_two_group_step_equals_per_client_loop(name):
                                                    jax.tree.leaves(init)))
 
 
+@pytest.mark.usefixtures('fast_compile')
+def test_frozen_clients_keep_their_params_and_the_server_steps_as_with_training_clients():
+  make_net, kw = CASES['original_server_bn']
+  net, cfg = make_net(), StepConfig(**kw)                  # compiled by the loop test already
+  frozen_cfg = StepConfig(**dict(kw, c_lr=0.0))
+  st = state.create_train_state(net, cfg, jax.random.key(1))
+  init = copy_tree(st.clients)
+  vq, vk = _views(cfg, 0)
+  trained, m = hetero_step.train_step(net, cfg, copy_tree(st), vq, vk, jnp.int32(0), jnp.int32(0))
+  frozen, m0 = hetero_step.train_step(net, frozen_cfg, st, vq, vk, jnp.int32(0), jnp.int32(0))
+  # The server's loss and gradient do not depend on whether the clients take theirs.
+  np.testing.assert_allclose(m0['loss'], m['loss'], rtol=1e-6)
+  chex.assert_trees_all_close(frozen.server, trained.server, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(frozen.clients.momentum, trained.clients.momentum, rtol=1e-6,
+                              atol=1e-7)
+  chex.assert_trees_all_equal(frozen.clients.online['params'], init.online['params'])
+  chex.assert_trees_all_equal(frozen.clients.opt_state, init.opt_state)
+  assert not np.allclose(jax.tree.leaves(trained.clients.online['params'])[0],
+                         jax.tree.leaves(init.online['params'])[0])
+
+
 def test_step_config_refusals():
   with pytest.raises(ValueError, match='full participation'):
     StepConfig(**dict(_COMMON, num_clients=4, sample_ratio=0.5))
@@ -242,6 +264,8 @@ def _tiny(**overrides):
     (dict(hetero='0.5_0.5|2'), r"config.hetero='0.5_0.5\|2': needs three"),
     (dict(hetero='reference', auto_adjust=True, num_clients=200),
      r'auto_adjust samples 0.5 of the 200 clients'),
+    (dict(hetero='0.2_0.8|2|0.8_0.2', num_clients=100, queue_size=400),
+     r'config.hetero=.* poor client 0 samples'),
 ])
 def test_bad_hetero_configs_name_the_field(overrides, match):
   with pytest.raises(ValueError, match=match):
