@@ -41,6 +41,9 @@ def get_config():
   c.adjust_batch_for_large_clients = True  # monacosfl auto_adjust: False is its
                                            # --dont_adjust_batch_size_for_large_clients
   c.avg_freq = 10
+  c.hetero = ""                   # '' off | 'reference' | 'a_b|c|d_e': clients < int(a*N) are
+                                  # rich (int(c)*B images per step, share d of the data); the
+                                  # reference's --hetero (algorithm/hetero.py)
   # Model.
   c.arch = "resnet18"
   c.cut = 1

@@ -10,12 +10,14 @@ validate, `ClientParallel` by its constructor); the rest are checked here. Error
 ValueErrors that name the field, its value and what is allowed.
 """
 import dataclasses
+import functools
 import math
 from typing import Optional
 
 import ml_collections
 
 from mocosfl_jax import config as config_lib
+from mocosfl_jax.algorithm import hetero as hetero_lib
 from mocosfl_jax.algorithm import plan
 from mocosfl_jax.algorithm import ressfl
 from mocosfl_jax.algorithm.mapping import ClientParallel
@@ -140,6 +142,8 @@ def check_fields(c: ml_collections.ConfigDict, *, strict: bool = True) -> None:
         "must be an int >= 1")
   if c.method == "flmoco":
     check_flmoco(c)
+  if _as_config_error(hetero_lib.resolve, c.hetero, c.num_clients) is not None:
+    _check_hetero(c)
   if strict:
     check_nothing_ignored(c)
 
@@ -202,6 +206,24 @@ def check_nothing_ignored(c: ml_collections.ConfigDict) -> None:
         "init_from=DIR or drop init_momentum")
 
 
+def _check_hetero(c: ml_collections.ConfigDict) -> None:
+  """What heterogeneous clients do not run with (algorithm/hetero_step.py)."""
+  why = f"is not implemented with hetero={c.hetero!r}"
+  _need(c.method == "mocosfl", "method", c.method,
+        f"the FL-MoCo baseline {why}; use method='mocosfl'")
+  _need(c.sample_ratio == 1.0, "sample_ratio", c.sample_ratio,
+        f"client sampling {why} (the pool's rich clients would change every epoch); use 1.0")
+  _need(c.feature_sharing, "feature_sharing", c.feature_sharing,
+        f"per-client queues {why} (nor hetero-aware in the reference); use True")
+  _need(not c.ressfl, "ressfl", c.ressfl, f"the simulated attacker {why}")
+  _need(not c.aux_dataset, "aux_dataset", c.aux_dataset, f"an auxiliary set {why}")
+  _need(c.client_parallel == "vmap" and c.client_chunk == 0, "client_parallel",
+        (c.client_parallel, c.client_chunk), f"only vmap without chunks {why}")
+  method = partition_lib.resolve_method(c.partition, c.noniid_ratio)
+  _need(method in ("iid", "shards"), "partition", c.partition,
+        f"the reference's hetero splits are iid and shards; dirichlet {why}")
+
+
 def _attacker_decoder(name: str) -> None:
   try:
     decoder_lib.parse_name(name)
@@ -238,6 +260,15 @@ def resolve(config: ml_collections.ConfigDict, *, strict: bool = True) -> Experi
     num_epochs, queue_size = adj["num_epochs"], adj["queue_size"]
   elif sample_ratio < 1.0:
     num_epochs = plan.sampling_epochs(num_epochs, sample_ratio)  # reference: E x int(1/r)
+  spec = hetero_lib.resolve(c.hetero, c.num_clients)
+  rich, rich_batch, hetero_split = 0, 0, None
+  if spec is not None:
+    _need(sample_ratio == 1.0, "hetero", c.hetero,
+          f"auto_adjust samples {sample_ratio} of the {c.num_clients} clients, and client "
+          "sampling is not implemented with heterogeneous clients; use num_clients < 200 or "
+          "auto_adjust=False")
+    rich, rich_batch = spec.rich_clients(c.num_clients), spec.rich_batch(batch_size)
+    hetero_split = (rich, spec.rich_data, spec.poor_data)
 
   image_size = None if c.image_size == -1 else c.image_size
   data_dir = c.data_dir or None
@@ -255,16 +286,29 @@ def resolve(config: ml_collections.ConfigDict, *, strict: bool = True) -> Experi
   _need((train.labels >= 0).all() or method == "iid", "partition", c.partition,
         f"{c.dataset}'s training split has unlabelled rows, which only partition='iid' can "
         f"split (noniid_ratio=1)")
-  parts = partition_lib.partition(
-      train.labels, c.num_clients, method=c.partition, noniid_ratio=c.noniid_ratio,
-      alpha=c.dirichlet_alpha, data_proportion=c.data_proportion, seed=c.seed,
-      num_classes=train.num_classes)
+  split = functools.partial(
+      partition_lib.partition, train.labels, c.num_clients, method=c.partition,
+      noniid_ratio=c.noniid_ratio, alpha=c.dirichlet_alpha, data_proportion=c.data_proportion,
+      seed=c.seed, num_classes=train.num_classes)
+  if hetero_split is None:
+    parts = split()
+  else:
+    try:
+      parts = split(hetero=hetero_split)
+    except ValueError as e:
+      raise ValueError(f"config.hetero={c.hetero!r}: {e}") from None
   with_target = c.data_proportion > 0
+  if rich:
+    smallest = min(len(p) for p in parts[:rich])
+    _need(smallest >= rich_batch, "hetero", c.hetero,
+          f"the rich batch int(c) * batch_size = {rich_batch} exceeds the {smallest} samples of "
+          "the smallest rich client; lower batch_size or the multiplier c, or raise d")
   if with_target:
-    smallest = min(len(p) for p in parts)
+    smallest = min(len(p) for p in parts[rich:])
     _need(smallest >= batch_size, "batch_size", batch_size,
           f"the smallest client holds {smallest} samples; lower batch_size or num_clients")
-  steps_per_epoch = math.ceil(len(parts[0]) / batch_size)  # reference: len(client 0's loader)
+  # reference: len(client 0's loader); with hetero client 0 is rich (its batch is rich B)
+  steps_per_epoch = math.ceil(len(parts[0]) / (rich_batch or batch_size))
   if c.method == "flmoco":                 # a round: local_epochs passes over client 0's data
     steps_per_epoch *= c.local_epochs
   aux, rows = None, batch_size
@@ -297,7 +341,7 @@ def resolve(config: ml_collections.ConfigDict, *, strict: bool = True) -> Experi
       client_schedule=c.client_schedule, num_epochs=num_epochs,
       steps_per_epoch=steps_per_epoch, avg_freq=min(avg_freq, steps_per_epoch),
       feature_sharing=c.feature_sharing, sample_ratio=sample_ratio, ressfl=ressfl_cfg,
-      method=c.method)
+      method=c.method, rich_clients=rich, rich_batch_size=rich_batch)
   num_steps = c.num_steps if c.num_steps > 0 else num_epochs * steps_per_epoch
   eval_every = c.eval_every_steps if c.eval_every_steps > 0 else steps_per_epoch
   aug = AugSpec(c.augmentation, tuple(map(float, train.mean)), tuple(map(float, train.std)),

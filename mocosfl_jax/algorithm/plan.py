@@ -93,6 +93,11 @@ class StepConfig:
       algorithm/flmoco.py: every client trains the whole network with its own queue of
       `queue_size` keys, at learning rate c_lr on the per-round schedule; `client_schedule`
       does not apply and the symmetric loss is 'original', the non-symmetric 'single').
+    rich_clients: heterogeneous clients (algorithm/hetero.py): clients 0..rich_clients-1 are
+      rich and draw `rich_batch_size` images per step, the others `batch_size`; 0 is off (every
+      client draws batch_size). Needs full participation and the shared queue
+      (algorithm/hetero_step.py).
+    rich_batch_size: the rich clients' batch (int(c) * B); 0 when rich_clients is 0.
   """
   num_clients: int
   batch_size: int
@@ -115,6 +120,8 @@ class StepConfig:
   sample_ratio: float = 1.0
   ressfl: Optional[RessflConfig] = None
   method: str = 'mocosfl'
+  rich_clients: int = 0
+  rich_batch_size: int = 0
 
   def __post_init__(self):
     check_sample_ratio(self.sample_ratio)
@@ -144,8 +151,17 @@ class StepConfig:
 
   @property
   def keys_per_step(self) -> int:
-    """Keys enqueued per step: 2PB for 'original' and 'two_view', PB for 'single'."""
+    """Keys enqueued per step: 2PB for 'original' and 'two_view', PB for 'single' (with rich
+    clients: B is each client's own batch)."""
+    if self.rich_clients:
+      return (self.keys_per_client // self.batch_size) * self.images_per_step
     return self.pool_size * self.keys_per_client
+
+  @property
+  def images_per_step(self) -> int:
+    """Query images the pool sends per step: P * B, or R * rich B + (P - R) * B."""
+    return (self.pool_size * self.batch_size
+            + self.rich_clients * (self.rich_batch_size - self.batch_size))
 
   @property
   def client_queue_size(self) -> int:
@@ -184,6 +200,24 @@ class StepConfig:
          f'steps_per_epoch // avg_freq == 0 (the reference divides by zero); need avg_freq <= '
          f'steps_per_epoch.')
     need(self.method in METHODS, f'method={self.method!r}; valid: {METHODS}.')
+    if self.rich_clients or self.rich_batch_size:
+      need(isinstance(self.rich_clients, int) and 1 <= self.rich_clients < self.num_clients,
+           f'rich_clients={self.rich_clients!r} must be an int in [1, num_clients='
+           f'{self.num_clients}) (0 with rich_batch_size=0 is off).')
+      need(isinstance(self.rich_batch_size, int) and self.rich_batch_size >= self.batch_size,
+           f'rich_batch_size={self.rich_batch_size!r} must be an int >= batch_size='
+           f'{self.batch_size}.')
+      need(self.pool_size == self.num_clients,
+           f'rich_clients={self.rich_clients} with pool_size={self.pool_size} < num_clients='
+           f'{self.num_clients}: heterogeneous clients need full participation (sample_ratio '
+           '1); client sampling with rich clients is not implemented.')
+      need(self.feature_sharing, 'rich_clients with feature_sharing=False: per-client queues '
+           'are not implemented for heterogeneous clients (nor hetero-aware in the reference); '
+           'use the shared queue.')
+      need(self.method == 'mocosfl', f'rich_clients with method={self.method!r}: '
+           'heterogeneous clients are implemented for the split step only.')
+      need(self.ressfl is None, 'rich_clients with ressfl: the simulated attacker is not '
+           'implemented for heterogeneous clients.')
     if self.method == 'flmoco':
       self._validate_flmoco(need)
     elif self.feature_sharing:

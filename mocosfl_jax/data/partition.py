@@ -54,6 +54,55 @@ def _shards(subset, labels, num_clients, num_classes, noniid_ratio, rng) -> list
   return parts
 
 
+def _hetero_iid(subset: np.ndarray, num_clients: int, rich: int, rich_data: float):
+  """The reference's hetero IID split: the first int(d*n) samples of the permuted subset are
+  split evenly over the `rich` clients, the rest over the poor ones (block i of the poor ones:
+  [v + i*(n-v)//(N-R), v + (i+1)*(n-v)//(N-R)), so poor blocks may differ by one sample)."""
+  n = len(subset)
+  volume = int(rich_data * n)
+  per_rich = volume // rich
+  if per_rich == 0 or (n - volume) // (num_clients - rich) == 0:
+    raise ValueError(f"hetero: {n} samples leave a rich client {per_rich} and a poor client "
+                     f"{(n - volume) // (num_clients - rich)} samples (iid); need >= 1 each")
+  parts = [subset[i * per_rich:(i + 1) * per_rich] for i in range(rich)]
+  poor = num_clients - rich
+  for i in range(poor):
+    parts.append(subset[volume + i * (n - volume) // poor:volume + (i + 1) * (n - volume) // poor])
+  return parts
+
+
+def _hetero_shards(subset, labels, num_clients, num_classes, noniid_ratio, rich, poor_data, rng):
+  """The reference's hetero non-IID split: shards 1/e times more numerous (e times smaller);
+  `rich` clients draw int((1-e)/e) groups of c shards each, poor clients one group, in client
+  order (a rich client's groups are drawn one after the other)."""
+  c = int(noniid_ratio * num_classes)
+  if c < 1:
+    raise ValueError(f"noniid_ratio={noniid_ratio} gives int(ratio*num_classes)={c} shards per "
+                     "client; need >= 1")
+  groups = int((1 - poor_data) / poor_data)  # the reference's expression (e = 0.2 -> 4)
+  if groups < 1:
+    raise ValueError(f"hetero: e={poor_data} gives int((1-e)/e)={groups} shard groups per rich "
+                     "client; need e <= 0.5")
+  num_shards = int(c * num_clients / poor_data)
+  size = int(len(subset) / num_clients / c * poor_data)
+  draws = rich * groups + num_clients - rich          # the reference's "virtual" clients
+  if size == 0 or draws * c > num_shards:
+    raise ValueError(f"hetero: {len(subset)} samples in {num_shards} shards of {size} cannot "
+                     f"give {rich} rich clients {groups} groups and the other "
+                     f"{num_clients - rich} one group of {c} shards; lower num_clients, raise "
+                     "data_proportion or change the hetero string")
+  by_label = subset[np.argsort(labels[subset], kind="stable")]
+  shards = by_label[:num_shards * size].reshape(num_shards, size)
+  remaining = np.arange(num_shards)
+  owned = [[] for _ in range(num_clients)]
+  for v in range(draws):
+    pick = rng.choice(len(remaining), c, replace=False)
+    owner = v // groups if v < rich * groups else v - rich * groups + rich
+    owned[owner].append(shards[remaining[pick]].reshape(-1))
+    remaining = np.delete(remaining, pick)
+  return [np.concatenate(p) for p in owned]
+
+
 def _dirichlet(subset, labels, num_clients, num_classes, alpha, min_samples, rng,
                max_tries=1000) -> list[np.ndarray]:
   """Per-class label skew: class k is split over clients by proportions ~ Dir(alpha * 1_N).
@@ -89,7 +138,8 @@ def resolve_method(method: str, noniid_ratio: float) -> str:
 
 def partition(labels, num_clients: int, *, method: str = "auto", noniid_ratio: float = 1.0,
               alpha: float = 0.5, data_proportion: float = 1.0, seed: int = 0,
-              num_classes: int | None = None, min_samples: int = 1) -> list[np.ndarray]:
+              num_classes: int | None = None, min_samples: int = 1,
+              hetero: tuple | None = None) -> list[np.ndarray]:
   """Splits sample indices over clients.
 
   Args:
@@ -105,6 +155,9 @@ def partition(labels, num_clients: int, *, method: str = "auto", noniid_ratio: f
     seed: numpy Generator seed.
     num_classes: defaults to labels.max() + 1.
     min_samples: 'dirichlet' only; resample until every client has at least this many.
+    hetero: None, or (rich clients R, rich data share d, e = 1 - d): the reference's rich / poor
+      split (clients 0..R-1 rich) for 'iid' (d of the subset to the rich) and 'shards' (shards
+      e times smaller, int((1-e)/e) groups per rich client); algorithm/hetero.py.
 
   Returns:
     N int64 arrays of global sample indices; disjoint; leftovers (n mod N, shard remainders) unused.
@@ -123,6 +176,18 @@ def partition(labels, num_clients: int, *, method: str = "auto", noniid_ratio: f
     num_classes = int(labels.max()) + 1 if labels.size else 0
   rng = np.random.default_rng(seed)
   subset = _subset(len(labels), data_proportion, rng)
+  if hetero is not None:
+    rich, rich_data, poor_data = hetero
+    if not 1 <= rich < num_clients:
+      raise ValueError(f"hetero: {rich} rich clients of {num_clients}; need 1 <= R < N")
+    if method == "dirichlet":
+      raise ValueError("hetero has the reference's iid and shards splits only, not dirichlet")
+    if method == "iid":
+      return _hetero_iid(subset, num_clients, rich, rich_data)
+    if labels[subset].min() < 0:
+      raise ValueError(f"method={method!r} needs labels >= 0 (unlabelled rows found)")
+    return _hetero_shards(subset, labels, num_clients, num_classes, noniid_ratio, rich,
+                          poor_data, rng)
   if method == "iid" or not len(subset):
     return _iid(subset, num_clients)
   if labels[subset].min() < 0:

@@ -34,14 +34,19 @@ class ClientTable:
     indices: int32 [N, max_n] global sample indices, row c valid in [:counts[c]], -1 padding.
     counts: int32 [N] samples per client.
     min_count: static smallest count, used to reject batch sizes no client can fill.
+    first_id: static client id of row 0: a table of clients first_id.. (heterogeneous clients
+      keep a table per batch size) gives row j the stream of client first_id + j.
   """
   indices: jax.Array
   counts: jax.Array
   min_count: int = flax.struct.field(pytree_node=False, default=0)
+  first_id: int = flax.struct.field(pytree_node=False, default=0)
 
   @classmethod
-  def from_partition(cls, parts: Sequence[np.ndarray], batch_size: int | None = None):
-    """Builds the table; with batch_size, checks every client can fill at least one batch."""
+  def from_partition(cls, parts: Sequence[np.ndarray], batch_size: int | None = None,
+                     first_id: int = 0):
+    """Builds the table; with batch_size, checks every client can fill at least one batch.
+    `first_id`: the client id of parts[0] (the rows are clients first_id, first_id + 1, ...)."""
     if not len(parts):
       raise ValueError("parts is empty: need at least one client")
     counts = np.array([len(p) for p in parts], np.int32)
@@ -50,7 +55,7 @@ class ClientTable:
     table = np.full((len(parts), max(1, int(counts.max()))), -1, np.int32)
     for c, part in enumerate(parts):
       table[c, :len(part)] = np.asarray(part, np.int64)
-    return cls(jnp.asarray(table), jnp.asarray(counts), int(counts.min()))
+    return cls(jnp.asarray(table), jnp.asarray(counts), int(counts.min()), int(first_id))
 
   @property
   def num_clients(self) -> int:
@@ -96,7 +101,8 @@ def _positions(table: ClientTable, client_ids, draws, batch_size: int, key) -> j
   draws = jnp.asarray(draws, jnp.int32)
   fn = functools.partial(_client_positions, batch_size=batch_size, key=key,
                          width=table.indices.shape[1])
-  return jax.vmap(fn)(table.counts[client_ids], client_ids, draws)
+  stream_ids = client_ids + table.first_id if table.first_id else client_ids
+  return jax.vmap(fn)(table.counts[client_ids], stream_ids, draws)
 
 
 @functools.partial(jax.jit, static_argnames=("batch_size",))

@@ -34,7 +34,7 @@ import numpy as np
 from mocosfl_jax import config as config_lib
 from mocosfl_jax import experiment as experiment_lib
 from mocosfl_jax import parallel
-from mocosfl_jax.algorithm import flmoco, plan
+from mocosfl_jax.algorithm import flmoco, hetero_step, plan
 from mocosfl_jax.algorithm.state import TrainState
 from mocosfl_jax.data import augment, partition as partition_lib, sampler
 from mocosfl_jax.evaluation import protocols
@@ -71,9 +71,12 @@ def simulated_step(net, cfg: plan.StepConfig, aug: experiment_lib.AugSpec, state
   rows are its B training images (none when `table` is None) then B auxiliary ones, each drawn
   from its own stream at the client's draw counter and normalised with its own constants.
   """
+  step_key = jax.random.fold_in(aug_key, state.server.step)
+  if cfg.rich_clients:
+    return _hetero_step(net, cfg, aug, state, images, table, data_key, step_key, epoch,
+                        batch_idx)
   ids = jnp.arange(cfg.num_clients, dtype=jnp.int32) if pool is None else pool
   b = cfg.batch_size if aux_spec is None else aux_spec.batch_size
-  step_key = jax.random.fold_in(aug_key, state.server.step)
   views = []
   if table is not None:
     batch = images.batch(table, ids, state.clients.draws[ids], b, data_key)
@@ -88,6 +91,29 @@ def simulated_step(net, cfg: plan.StepConfig, aug: experiment_lib.AugSpec, state
   views_q, views_k = (jnp.concatenate(v, axis=1) for v in zip(*views))
   return parallel.train_step_fn(net, cfg, state, pool, views_q, views_k, epoch, batch_idx,
                                 par=par)
+
+
+def _hetero_step(net, cfg, aug, state, images, tables, data_key, step_key, epoch, batch_idx):
+  """`simulated_step` with rich clients: each group (rich 0..R-1, poor R..N-1) draws its batch
+  size from its own table (`tables`, clients' own streams) and is augmented with its own key."""
+  r, n = cfg.rich_clients, cfg.num_clients
+  views = []
+  for g, (table, lo, hi, b) in enumerate(((tables[0], 0, r, cfg.rich_batch_size),
+                                          (tables[1], r, n, cfg.batch_size))):
+    batch = images.batch(table, jnp.arange(hi - lo, dtype=jnp.int32),
+                         state.clients.draws[lo:hi], b, data_key)
+    views.append(augment.two_views(jax.random.fold_in(step_key, g), batch, jnp.asarray(aug.mean),
+                                   jnp.asarray(aug.std), aug.pipeline,
+                                   crop_scale=aug.crop_scale))
+  views_q, views_k = zip(*views)
+  return hetero_step.train_step_fn(net, cfg, state, views_q, views_k, epoch, batch_idx)
+
+
+def hetero_tables(parts, cfg: plan.StepConfig):
+  """(rich, poor) ClientTables: clients 0..R-1 at the rich batch, R..N-1 at B."""
+  r = cfg.rich_clients
+  return (sampler.ClientTable.from_partition(parts[:r], cfg.rich_batch_size),
+          sampler.ClientTable.from_partition(parts[r:], cfg.batch_size, first_id=r))
 
 
 def check_resumable(saved: dict, current: dict, workdir) -> None:
@@ -220,6 +246,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   exp = experiment_lib.resolve(config)
   config = exp.config
   net, cfg = build(exp.model), exp.step
+  if make_stepper is not None and cfg.rich_clients:
+    raise ValueError(f"config.hetero={config.hetero!r}: heterogeneous clients run in the "
+                     "simulated step only; remote clients are not implemented with them")
   stepper = None if make_stepper is None else make_stepper(exp, net)
   config_dict = config.to_dict()
   if "attack" in config.final_protocols.split(","):   # refused now, not after training
@@ -360,7 +389,9 @@ def _train_loop(exp, net, state, start, images, ckpt, writer, *, keys, window, e
   data_key, aug_key, pool_key = keys
   cfg, config = exp.step, exp.config
   aux, aux_spec = None, None
-  if exp.aux is None:
+  if cfg.rich_clients:
+    table = hetero_tables(exp.parts, cfg)
+  elif exp.aux is None:
     table = sampler.ClientTable.from_partition(exp.parts, cfg.batch_size)
   else:                        # B images of each set per client and step
     aux_spec = exp.aux.spec

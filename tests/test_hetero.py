@@ -1,0 +1,298 @@
+"""Heterogeneous clients: the hetero string, the rich / poor partitions, the per-group sampler,
+and the two-group step (algorithm/hetero_step.py) against a per-client Python loop."""
+import json
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from core_testlib import fast_compile  # noqa: F401  pylint: disable=unused-import
+from core_testlib import CONFIG_DIR, StandInNet, assert_states_close, copy_tree, load_config
+from mocosfl_jax import experiment, main
+from mocosfl_jax.algorithm import hetero, hetero_step, losses, parties, plan, state
+from mocosfl_jax.algorithm.plan import StepConfig
+from mocosfl_jax.algorithm.state import ClientState
+from mocosfl_jax.data import partition as partition_lib
+from mocosfl_jax.data import sampler
+from mocosfl_jax.run import metrics
+
+SCHEDULE = ((0, 0), (0, 1), (1, 0))      # (epoch, batch_idx); b=1 is a sync step (S=4, avg 2)
+_COMMON = dict(num_clients=3, rich_clients=1, batch_size=2, rich_batch_size=6, num_epochs=3,
+               steps_per_epoch=4, avg_freq=2, lr=0.06, queue_size=40)
+CASES = {
+    # MocoSFL: original two-term loss, BatchNorm on the server (sees every real row at once).
+    'original_server_bn': (lambda: StandInNet(server_bn=True),
+                           dict(loss_form='original', **_COMMON)),
+    # MonAcoSFL's form and momentum sync, BatchNorm on the clients (per-client statistics).
+    'two_view_client_bn': (lambda: StandInNet(client_bn=True),
+                           dict(loss_form='two_view', momentum_sync=True,
+                                client_schedule='per_epoch', **_COMMON)),
+}
+
+
+# ---- the hetero string -------------------------------------------------------------------------
+
+def test_parse_and_reference_strings():
+  s = hetero.parse('0.2_0.8|4|0.8_0.2')
+  assert (s.rich_fraction, s.batch_multiplier, s.rich_data, s.poor_data) == (0.2, 4, 0.8, 0.2)
+  assert s.rich_clients(10) == 2 and s.rich_batch(5) == 20 and s.shard_groups() == 4
+  assert hetero.resolve('', 10) is None
+  assert hetero.resolve('reference', 200).text == '0.5_0.5|4|0.8_0.2'
+  assert hetero.resolve('reference', 100).text == '0.2_0.8|16|0.8_0.2'
+  assert hetero.resolve('reference', 7).text == hetero.REFERENCE_DEFAULT
+  assert hetero.resolve('0.5_0.5|2|0.6_0.4', 100).text == '0.5_0.5|2|0.6_0.4'   # as written
+
+
+@pytest.mark.parametrize('text, match', [
+    ('0.2_0.8|4', 'three'), ('0.2|4|0.8_0.2', 'two numbers'), ('0.2_0.8|x|0.8_0.2', 'multiplier'),
+    ('0.2_0.8|0|0.8_0.2', 'multiplier'), ('0.2_0.7|4|0.8_0.2', 'rich fraction'),
+    ('1.0_0.0|4|0.8_0.2', 'rich fraction'), ('0.2_0.8|4|0.8_0.3', 'rich data')])
+def test_malformed_strings_raise(text, match):
+  with pytest.raises(ValueError, match=match):
+    hetero.parse(text)
+
+
+def test_no_rich_or_no_poor_client_raises():
+  with pytest.raises(ValueError, match='at least one rich and one poor'):
+    hetero.resolve('0.2_0.8|4|0.8_0.2', 4)          # int(0.8) = 0 rich clients
+
+
+# ---- partitions --------------------------------------------------------------------------------
+
+def test_iid_partition_rule():
+  labels = np.arange(103) % 10
+  parts = partition_lib.partition(labels, 5, method='iid', seed=3, hetero=(2, 0.6, 0.4))
+  subset = np.random.default_rng(3).permutation(103)          # the seeded subset, p = 1
+  v = int(0.6 * 103)                                           # 61 samples for 2 rich clients
+  expect = [subset[:30], subset[30:60]]
+  expect += [subset[v + i * 42 // 3:v + (i + 1) * 42 // 3] for i in range(3)]
+  for got, want in zip(parts, expect):
+    np.testing.assert_array_equal(got, want)
+  assert [len(p) for p in parts] == [30, 30, 14, 14, 14]
+
+
+def test_shards_partition_rule():
+  labels = np.repeat(np.arange(10), 40)                       # 400 samples
+  n, r, c, e = 10, 2, 2, 0.2
+  parts = partition_lib.partition(labels, n, method='shards', noniid_ratio=0.2, seed=0,
+                                  hetero=(r, 0.8, e))
+  size = int(400 / n / c * e)                                  # 4 images per shard
+  assert [len(p) for p in parts] == [4 * c * size] * r + [c * size] * (n - r)
+  flat = np.concatenate(parts)
+  assert len(np.unique(flat)) == len(flat)                     # disjoint
+  # every shard is label-pure and of one block of the label-sorted subset
+  for p in parts:
+    for s in p.reshape(-1, size):
+      assert len(set(labels[s])) == 1
+
+
+def test_shards_partition_too_few_shards_raises():
+  with pytest.raises(ValueError, match='shard groups'):
+    partition_lib.partition(np.arange(100) % 10, 4, method='shards', noniid_ratio=0.2,
+                            hetero=(1, 0.4, 0.6))
+  with pytest.raises(ValueError, match='dirichlet'):
+    partition_lib.partition(np.arange(100) % 10, 4, method='dirichlet', hetero=(1, 0.8, 0.2))
+
+
+# ---- sampler -----------------------------------------------------------------------------------
+
+def test_group_tables_draw_each_clients_own_stream():
+  parts = [np.arange(0, 12), np.arange(12, 24), np.arange(24, 28), np.arange(28, 32)]
+  key = jax.random.key(0)
+  whole = sampler.ClientTable.from_partition(parts, 2)
+  poor = sampler.ClientTable.from_partition(parts[2:], 2, first_id=2)
+  ids, draws = jnp.array([0, 1]), jnp.array([3, 1])
+  np.testing.assert_array_equal(sampler.batch_indices(poor, ids, draws, 2, key),
+                                sampler.batch_indices(whole, ids + 2, draws, 2, key))
+  rich = sampler.ClientTable.from_partition(parts[:2], 6)
+  # rich client 0: two batches of 6 per pass, a fresh shuffle every second draw (no reset)
+  got = [np.asarray(sampler.batch_indices(rich, jnp.array([0]), jnp.array([d]), 6, key))[0]
+         for d in range(4)]
+  assert sorted(np.concatenate(got[:2]).tolist()) == list(range(12))
+  assert sorted(np.concatenate(got[2:]).tolist()) == list(range(12))
+  assert not np.array_equal(got[0], got[2])
+  with pytest.raises(ValueError, match='batch_size=6'):
+    sampler.ClientTable.from_partition(parts[2:], 6)
+
+
+# ---- the step ----------------------------------------------------------------------------------
+
+def _lr(cfg, count, epoch):
+  """Client LR written out independently of schedules.py (cosine)."""
+  t = count if cfg.client_schedule == 'per_participation' else epoch
+  return cfg.c_lr * (1 + math.cos(math.pi * t / cfg.num_epochs)) / 2
+
+
+def _views(cfg, seed):
+  r, n, h = cfg.rich_clients, cfg.num_clients, 8
+  ks = jax.random.split(jax.random.key(1000 + seed), 4)
+  rich, poor = (r, cfg.rich_batch_size, h, h, 3), (n - r, cfg.batch_size, h, h, 3)
+  return ((jax.random.normal(ks[0], rich), jax.random.normal(ks[1], poor)),
+          (jax.random.normal(ks[2], rich), jax.random.normal(ks[3], poor)))
+
+
+_fwd = jax.jit(parties.client_send, static_argnums=(0, 1))
+_bwd = jax.jit(parties.client_receive, static_argnums=(0, 1, 2))
+
+
+def _server(net, cfg, tx, ss, aq, ak, epoch):
+  """The server on the concatenated rows: loss, dL/dA_q, SGD and enqueue."""
+  pool = jnp.arange(cfg.num_clients)
+  s_mom, queue = parties.server_prepare(cfg, ss, pool)
+
+  def server_loss(a_q, s_params):
+    return losses.server_loss(net, cfg.loss_form, cfg.temperature,
+                              parties.with_params(ss.online, s_params), s_mom, a_q, ak, queue, 1)
+  (loss, aux), (g_a, g_s) = jax.value_and_grad(server_loss, argnums=(0, 1), has_aux=True)(
+      aq, ss.online['params'])
+  ss, _ = parties.server_update(cfg, tx, ss, aux, g_s, epoch, pool)
+  return ss, g_a, loss
+
+
+_server = jax.jit(_server, static_argnums=(0, 1, 2))
+
+
+def loop_step(net, cfg, st, vq, vk, epoch, b):
+  """Reference-style step: a Python loop over clients 0..N-1 with unbatched per-party
+  functions; the server concatenates rows of variable widths and splits dL/dA_q back by them."""
+  cs, ss, tx = st.clients, st.server, st.tx
+  n, r = cfg.num_clients, cfg.rich_clients
+  per = [list(jax.tree.map(lambda x, i=i: x[i], (cs.online, cs.momentum, cs.opt_state)))
+         for i in range(n)]
+  count = np.array(cs.count)
+  xq = [vq[0][i] if i < r else vq[1][i - r] for i in range(n)]
+  xk = [vk[0][i] if i < r else vk[1][i - r] for i in range(n)]
+  aq, ak = [], []
+  for c in range(n):                                   # sequential client forwards
+    a_q, a_k, on, mom, _ = _fwd(net, cfg, per[c][0], per[c][1], xq[c], xk[c])
+    per[c][0], per[c][1] = on, mom
+    aq.append(a_q)
+    ak.append(a_k)
+  widths = [a.shape[0] for a in aq]                    # rich width for ids < R, else B
+  ss, g_a, loss = _server(net, cfg, tx, ss, jnp.concatenate(aq), jnp.concatenate(ak),
+                          jnp.int32(epoch))
+  start = np.cumsum([0] + widths)
+  for c in range(n):                                   # sequential client backward + SGD
+    g = g_a[start[c]:start[c + 1]]                     # consecutive widths, pool order
+    per[c][0], per[c][2] = _bwd(net, cfg, tx, per[c][0], per[c][2], xq[c], xk[c], g,
+                                jnp.float32(_lr(cfg, count[c], epoch)))
+    count[c] += 1
+  if plan.is_sync_step(b, cfg.steps_per_epoch, cfg.avg_freq):
+    mean = lambda k: jax.tree.map(lambda *xs: np.mean(np.stack(xs), axis=0), *[p[k] for p in per])
+    avg_on, avg_mom = mean(0), mean(1)
+    for i in range(n):
+      per[i][0] = avg_on
+      if cfg.momentum_sync:
+        per[i][1] = avg_mom
+  stack = lambda k: jax.tree.map(lambda *xs: jnp.stack(xs), *[p[k] for p in per])
+  cs = ClientState(online=stack(0), momentum=stack(1), opt_state=stack(2),
+                   count=jnp.array(count), draws=cs.draws + 1, lr_scale=cs.lr_scale)
+  return st.replace(clients=cs, server=ss), {'loss': loss}
+
+
+@pytest.mark.usefixtures('fast_compile')
+@pytest.mark.parametrize('name', sorted(CASES))
+def test_two_group_step_equals_per_client_loop(name):
+  make_net, kw = CASES[name]
+  net, cfg = make_net(), StepConfig(**kw)
+  st = state.create_train_state(net, cfg, jax.random.key(0))
+  ref, got, init = copy_tree(st), st, copy_tree(st.clients.online['params'])
+  for i, (e, b) in enumerate(SCHEDULE):
+    vq, vk = _views(cfg, i)
+    ref, m_ref = loop_step(net, cfg, ref, vq, vk, e, b)
+    got, m = hetero_step.train_step(net, cfg, got, vq, vk, jnp.int32(e), jnp.int32(b))
+    np.testing.assert_allclose(m['loss'], m_ref['loss'], rtol=1e-5)
+  assert_states_close((got.clients, got.server), (ref.clients, ref.server))
+  keys = (1 if cfg.loss_form == 'single' else 2) * (6 + 2 * 2)
+  assert cfg.keys_per_step == keys and int(got.server.ptr) == 3 * keys % cfg.queue_size
+  assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(got.clients.online['params']),
+                                                   jax.tree.leaves(init)))
+
+
+@pytest.mark.usefixtures('fast_compile')
+def test_frozen_clients_keep_their_params_and_the_server_steps_as_with_training_clients():
+  make_net, kw = CASES['original_server_bn']
+  net, cfg = make_net(), StepConfig(**kw)                  # compiled by the loop test already
+  frozen_cfg = StepConfig(**dict(kw, c_lr=0.0))
+  st = state.create_train_state(net, cfg, jax.random.key(1))
+  init = copy_tree(st.clients)
+  vq, vk = _views(cfg, 0)
+  trained, m = hetero_step.train_step(net, cfg, copy_tree(st), vq, vk, jnp.int32(0), jnp.int32(0))
+  frozen, m0 = hetero_step.train_step(net, frozen_cfg, st, vq, vk, jnp.int32(0), jnp.int32(0))
+  # The server's loss and gradient do not depend on whether the clients take theirs.
+  np.testing.assert_allclose(m0['loss'], m['loss'], rtol=1e-6)
+  chex.assert_trees_all_close(frozen.server, trained.server, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(frozen.clients.momentum, trained.clients.momentum, rtol=1e-6,
+                              atol=1e-7)
+  chex.assert_trees_all_equal(frozen.clients.online['params'], init.online['params'])
+  chex.assert_trees_all_equal(frozen.clients.opt_state, init.opt_state)
+  assert not np.allclose(jax.tree.leaves(trained.clients.online['params'])[0],
+                         jax.tree.leaves(init.online['params'])[0])
+
+
+def test_step_config_refusals():
+  with pytest.raises(ValueError, match='full participation'):
+    StepConfig(**dict(_COMMON, num_clients=4, sample_ratio=0.5))
+  with pytest.raises(ValueError, match='per-client queues'):
+    StepConfig(**dict(_COMMON, feature_sharing=False, queue_size=60))
+  with pytest.raises(ValueError, match='rich_batch_size'):
+    StepConfig(**dict(_COMMON, rich_batch_size=1))
+  with pytest.raises(ValueError, match='queue_size'):
+    StepConfig(**dict(_COMMON, queue_size=19))          # 2 * (6 + 2 + 2) = 20 keys per step
+  cfg = StepConfig(**_COMMON)
+  vq, vk = _views(StepConfig(**dict(_COMMON, rich_batch_size=4)), 0)
+  with pytest.raises(ValueError, match='rich_batch_size'):
+    hetero_step.check_views(cfg, vq, vk)
+
+
+# ---- the run: config checks and the command line ----------------------------------------------
+
+def _tiny(**overrides):
+  config = load_config('tiny').get_config()
+  config.update(overrides)
+  return config
+
+
+@pytest.mark.parametrize('overrides, match', [
+    (dict(hetero='0.5_0.5|64|0.6_0.4'), r"config.hetero=.*rich batch int\(c\) \* batch_size = 128"),
+    (dict(hetero='0.5_0.5|2|0.6_0.4', sample_ratio=0.5), r'config.sample_ratio=0.5: client samp'),
+    (dict(hetero='0.5_0.5|2|0.6_0.4', feature_sharing=False), r'config.feature_sharing=False'),
+    (dict(hetero='0.5_0.5|2|0.6_0.4', partition='dirichlet'), r"config.partition='dirichlet'"),
+    (dict(hetero='0.5_0.5|2'), r"config.hetero='0.5_0.5\|2': needs three"),
+    (dict(hetero='reference', auto_adjust=True, num_clients=200),
+     r'auto_adjust samples 0.5 of the 200 clients'),
+    (dict(hetero='0.2_0.8|2|0.8_0.2', num_clients=100, queue_size=400),
+     r'config.hetero=.* poor client 0 samples'),
+])
+def test_bad_hetero_configs_name_the_field(overrides, match):
+  with pytest.raises(ValueError, match=match):
+    experiment.resolve(_tiny(**overrides))
+
+
+def test_reference_string_under_auto_adjust():
+  exp = experiment.resolve(_tiny(hetero='reference', auto_adjust=True, num_clients=100,
+                                 dataset='digits',
+                                 queue_size=6000, avg_freq=1))
+  assert (exp.step.rich_clients, exp.step.batch_size, exp.step.rich_batch_size) == (20, 1, 16)
+  sizes = [len(p) for p in exp.parts]
+  assert exp.step.steps_per_epoch == math.ceil(sizes[0] / 16)    # client 0 is rich
+  assert len(set(sizes[:20])) == 1 and sizes[0] > sizes[20]
+
+
+@pytest.mark.usefixtures('fast_compile')
+def test_cli_run_with_tiny_overrides(tmp_path, capsys):
+  workdir = tmp_path / 'run'
+  argv = ['--config', str(CONFIG_DIR / 'tiny.py'), '--workdir', str(workdir),
+          '--config.hetero=0.5_0.5|2|0.6_0.4', '--config.num_steps=3',
+          '--config.eval_every_steps=3', '--config.log_every_steps=3']
+  assert main.main(argv) == 0
+  assert 'final test kNN accuracy' in capsys.readouterr().out
+  saved = json.loads((workdir / 'config.json').read_text())['step']
+  assert (saved['rich_clients'], saved['rich_batch_size'], saved['batch_size']) == (2, 4, 2)
+  losses_ = [r['loss'] for r in metrics.read_metrics(workdir) if 'loss' in r]
+  assert len(losses_) == 1 and np.isfinite(losses_[0])
+  sizes = json.loads((workdir / 'partition.json').read_text())['sizes']
+  assert sizes[0] == sizes[1] > sizes[2]
