@@ -105,7 +105,8 @@ def train_step(net, cfg: StepConfig, state: TrainState, pool: Optional[jax.Array
                views_q: jax.Array, views_k: jax.Array, epoch, batch_idx,
                sync: Optional[jax.Array] = None, par: Optional[ClientParallel] = None,
                train_clients: bool = True, keep_smashed: bool = False):
-  """Jitted `train_step_fn` (same arguments); `net`, `cfg`, `par` static; the state donated.
+  """Jitted `train_step_fn` (same arguments); `net`, `cfg`, `par`, `train_clients` and
+  `keep_smashed` static; the state donated.
 
   Pass epoch / batch_idx as int32 arrays (e.g. jnp.int32(e)) and keep `sync` either always None
   or always an array, so every step reuses one compiled executable.
