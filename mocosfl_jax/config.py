@@ -71,6 +71,13 @@ def get_config():
   c.client_schedule = "per_participation"   # the reference's quirk (default) | per_epoch
   c.num_epochs = 200
   c.feature_sharing = True
+  # Loss-threshold communication saving (algorithm/replay.py, run/replay.py): epochs in status
+  # A (full protocol), B (no gradient download, no client training) or C (the server replays
+  # the last A/B epoch's smashed data), chosen by the drop of the epoch's mean loss.
+  c.loss_threshold = 0.0          # 0: off (always A, the default); the reference's --loss_threshold
+  c.replay_warmup_epochs = 10     # epochs that always stay in A (the reference's 10)
+  c.replay_device_bytes = 2**30   # the stored stacks stay on the device up to this size, else
+                                  # a memory-mapped file in the workdir (replay/)
   # TAResSFL (algorithm/ressfl.py): a simulated attacker per client, trained in every step, and
   # a regulariser that pushes the attacker's SSIM down to ressfl_target_ssim.
   c.ressfl = False

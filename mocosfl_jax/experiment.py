@@ -134,6 +134,23 @@ def check_fields(c: ml_collections.ConfigDict, *, strict: bool = True) -> None:
   _need(0.0 <= c.ressfl_target_ssim < 1.0, "ressfl_target_ssim", c.ressfl_target_ssim,
         "must be in [0, 1) (0: the penalty always applies)")
   _as_config_error(_attacker_decoder, c.attacker_decoder)
+  _need(c.loss_threshold >= 0, "loss_threshold", c.loss_threshold, "must be >= 0 (0: off)")
+  for field in ("replay_warmup_epochs", "replay_device_bytes"):
+    _need(isinstance(c[field], int) and c[field] >= 0, field, c[field], "must be an int >= 0")
+  if c.loss_threshold > 0:
+    _need(not c.ressfl, "loss_threshold", c.loss_threshold,
+          "the saving's status B skips the client training that TAResSFL's regulariser needs; "
+          "use loss_threshold=0 with ressfl=True")
+    _need(c.client_parallel == "vmap" and not c.distributed, "loss_threshold", c.loss_threshold,
+          f"the replayed smashed data are kept by one process on one device; use "
+          f"client_parallel='vmap' and distributed=False (got {c.client_parallel!r}, "
+          f"{c.distributed!r}) or loss_threshold=0")
+    _need(c.method == "mocosfl", "loss_threshold", c.loss_threshold,
+          f"with method={c.method!r} no smashed data are sent, so there is nothing to save or "
+          "replay; use loss_threshold=0 or method='mocosfl'")
+    _need(not c.hetero, "loss_threshold", c.loss_threshold,
+          f"the stored smashed stacks hold one batch size per client, and hetero={c.hetero!r} "
+          "gives rich clients wider rows; use loss_threshold=0 or hetero=''")
   config_lib.parse_init_from(c.init_from)   # the form only; run/init_from.py reads the run
   _need(c.init_momentum in INIT_MOMENTUM, "init_momentum", c.init_momentum,
         f"valid: {', '.join(INIT_MOMENTUM)}")
@@ -201,6 +218,9 @@ def check_nothing_ignored(c: ml_collections.ConfigDict) -> None:
   _need(c.client_schedule == defaults.client_schedule or c.method != "flmoco",
         "client_schedule", c.client_schedule, "FL-MoCo steps every client's schedule once per "
         "round (the reference); drop client_schedule or set method='mocosfl'")
+  for field in ("replay_warmup_epochs", "replay_device_bytes"):
+    _need(c.loss_threshold > 0 or c[field] == defaults[field], field, c[field],
+          "only the loss-threshold saving uses it; set loss_threshold > 0 or drop it")
   _need(c.init_momentum == defaults.init_momentum or c.init_from, "init_momentum",
         c.init_momentum, "only a warm start uses it (what the momentum nets start from); set "
         "init_from=DIR or drop init_momentum")

@@ -51,7 +51,8 @@ PyTree = Any
 
 def train_step_fn(net, cfg: StepConfig, state: TrainState, pool: Optional[jax.Array],
                   views_q: jax.Array, views_k: jax.Array, epoch, batch_idx,
-                  sync: Optional[jax.Array] = None, par: Optional[ClientParallel] = None):
+                  sync: Optional[jax.Array] = None, par: Optional[ClientParallel] = None,
+                  train_clients: bool = True, keep_smashed: bool = False):
   """One simulated step on the state of all N clients (un-jitted; see `train_step`).
 
   Args:
@@ -64,6 +65,7 @@ def train_step_fn(net, cfg: StepConfig, state: TrainState, pool: Optional[jax.Ar
     views_q, views_k: float [P, B, H, W, C] normalised query / key views per pool position.
     epoch, batch_idx, sync: as `step.train_step`.
     par: how client work is mapped (ClientParallel, static); None = vmap, all at once.
+    train_clients, keep_smashed: as `step.train_step` (static; the loss-threshold saving).
 
   Returns:
     (state, metrics) as `step.train_step`.
@@ -86,7 +88,8 @@ def train_step_fn(net, cfg: StepConfig, state: TrainState, pool: Optional[jax.Ar
   rows = clients if in_place else gather_pool(par, clients, ids)
   new, metrics = step_lib.train_step(
       net, cfg, state.replace(clients=rows), views_q, views_k, jnp.asarray(epoch, jnp.int32),
-      batch_idx, sync, pool=pool, mask=mask, par=par)
+      batch_idx, sync, pool=pool, mask=mask, par=par, train_clients=train_clients,
+      keep_smashed=keep_smashed)
   if in_place:
     return new, metrics
   clients = scatter_pool(par, clients, new.clients, ids)
@@ -96,16 +99,20 @@ def train_step_fn(net, cfg: StepConfig, state: TrainState, pool: Optional[jax.Ar
   return new.replace(clients=clients), metrics
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1), static_argnames=('par',), donate_argnums=(2,))
+@functools.partial(jax.jit, static_argnums=(0, 1),
+                   static_argnames=('par', 'train_clients', 'keep_smashed'), donate_argnums=(2,))
 def train_step(net, cfg: StepConfig, state: TrainState, pool: Optional[jax.Array],
                views_q: jax.Array, views_k: jax.Array, epoch, batch_idx,
-               sync: Optional[jax.Array] = None, par: Optional[ClientParallel] = None):
-  """Jitted `train_step_fn` (same arguments); `net`, `cfg`, `par` static; the state donated.
+               sync: Optional[jax.Array] = None, par: Optional[ClientParallel] = None,
+               train_clients: bool = True, keep_smashed: bool = False):
+  """Jitted `train_step_fn` (same arguments); `net`, `cfg`, `par`, `train_clients` and
+  `keep_smashed` static; the state donated.
 
   Pass epoch / batch_idx as int32 arrays (e.g. jnp.int32(e)) and keep `sync` either always None
   or always an array, so every step reuses one compiled executable.
   """
-  return train_step_fn(net, cfg, state, pool, views_q, views_k, epoch, batch_idx, sync, par)
+  return train_step_fn(net, cfg, state, pool, views_q, views_k, epoch, batch_idx, sync, par,
+                       train_clients, keep_smashed)
 
 
 def _give_all(clients, rows, momentum_sync: bool):

@@ -150,17 +150,20 @@ def client_send(net, cfg: StepConfig, online_vars: dict, momentum_vars: dict, x_
 
 
 def server_step(net, cfg: StepConfig, tx: optax.GradientTransformation, server: ServerState,
-                smashed_q: jax.Array, smashed_k: jax.Array, pool: jax.Array, epoch):
+                smashed_q: jax.Array, smashed_k: jax.Array, pool: jax.Array, epoch, *,
+                client_grad: bool = True):
   """The server's half: EMA, loss on the concatenated smashed data, SGD, enqueue.
 
   Args:
     smashed_q / smashed_k: [P, B', ...] smashed data per pool position (B' = 2B for two_view).
     pool: int32 [P] client ids (used only by per-client queues).
     epoch: 0-based epoch (server learning rate).
+    client_grad: False (static) skips dL/dsmashed_q: nobody takes it (a replayed step,
+      algorithm/replay.py).
 
   Returns:
     (server, grad [P, B', ...] = dL/dsmashed_q per pool position, metrics); grad is None for
-    frozen clients (cfg.c_lr == 0): they take no gradient.
+    frozen clients (cfg.c_lr == 0) and without client_grad: they take no gradient.
   """
   pool = jnp.asarray(pool, jnp.int32)
   p = smashed_q.shape[0]
@@ -171,7 +174,7 @@ def server_step(net, cfg: StepConfig, tx: optax.GradientTransformation, server: 
                               with_params(server.online, s_params), s_momentum,
                               concat_clients(a_q, p), concat_clients(smashed_k, p), queue, p)
 
-  if cfg.frozen_clients:
+  if cfg.frozen_clients or not client_grad:
     (loss, aux), g_s = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)(
         smashed_q, server.online['params'])
     g_a = None

@@ -16,6 +16,11 @@ Frozen clients (c_lr = 0, TAResSFL's deployment) take no backward and no SGD ste
 is the server's alone, and their params stay bit-identical, syncs included (their BatchNorm
 running statistics still follow the batches and are averaged, as the reference's frozen clients
 run in train mode).
+`train_clients=False` (static) is the status B of the loss-threshold saving (algorithm/replay.py):
+the clients' forward, momentum EMA and running statistics run, the server trains, and the
+clients take no backward, no SGD step and no scheduler step (their `count` stays), as frozen
+clients do. `keep_smashed=True` (static) adds the smashed stacks the server received to the
+metrics ('smashed_q', 'smashed_k', [P, B', ...]) so the run can keep them for replay.
 
 Step order, the three loss forms and where we differ from the reference on purpose (batch
 shuffle dropped, FedAvg of exactly the pool, per-client queues indexed by pool position) are
@@ -40,7 +45,8 @@ from mocosfl_jax.algorithm.state import TrainState
 
 def train_step(net, cfg: StepConfig, state: TrainState, views_q: jax.Array, views_k: jax.Array,
                epoch, batch_idx, sync: Optional[jax.Array] = None, *, pool: jax.Array,
-               mask: Optional[jax.Array] = None, par: Optional[ClientParallel] = None):
+               mask: Optional[jax.Array] = None, par: Optional[ClientParallel] = None,
+               train_clients: bool = True, keep_smashed: bool = False):
   """One step of the pool (pure; jit it, or use `parallel.train_step`).
 
   Args:
@@ -55,6 +61,8 @@ def train_step(net, cfg: StepConfig, state: TrainState, views_q: jax.Array, view
     pool: int32 [P] client ids of the pool (per-client queues are indexed by them).
     mask: float32 [P'] with 1 for the real clients (None: all rows are real).
     par: how per-client work is mapped (vmap, chunks, shard_map); None is vmap.
+    train_clients: False (static): status B, no client backward / SGD / scheduler step.
+    keep_smashed: True (static): the metrics also hold the smashed stacks.
 
   Returns:
     (state, metrics): metrics loss, contrastive_acc (%), pos_logit_mean, server_lr, client_lr
@@ -64,6 +72,10 @@ def train_step(net, cfg: StepConfig, state: TrainState, views_q: jax.Array, view
   """
   clients, server, tx, p = state.clients, state.server, state.tx, cfg.pool_size
   rows = views_q.shape[0]
+  if cfg.ressfl is not None and not train_clients:
+    raise ValueError('train_clients=False with cfg.ressfl: the regulariser trains the clients; '
+                     'the loss-threshold saving does not run with TAResSFL.')
+  skip_clients = cfg.frozen_clients or not train_clients
   attacker_lr = None if cfg.ressfl is None else ressfl.learning_rate(cfg.ressfl, epoch)
   x_q, x_k = jax.vmap(functools.partial(losses.client_inputs, cfg.loss_form))(views_q, views_k)
 
@@ -85,7 +97,7 @@ def train_step(net, cfg: StepConfig, state: TrainState, views_q: jax.Array, view
       a_q, online = map_clients(par, functools.partial(parties.client_forward, net),
                                 with_params(clients.online, client_params), x_q)
       loss, aux = server_loss(a_q, server_params)
-      return loss, (online, aux, loss, None)
+      return loss, (online, aux, loss, None, a_q)
     # Each client's attacker steps on its smashed data; the regulariser's penalty
     # differentiates w.r.t. that client only.
     a_q, online, attacker, m = map_clients(
@@ -95,19 +107,19 @@ def train_step(net, cfg: StepConfig, state: TrainState, views_q: jax.Array, view
         jnp.broadcast_to(attacker_lr, (rows,)))
     loss, aux = server_loss(a_q, server_params)
     penalty = jnp.sum(m['regulariser_penalty'][:p])
-    return loss + penalty, (online, aux, loss, (attacker, m))
+    return loss + penalty, (online, aux, loss, (attacker, m), a_q)
 
   client_lrs = parties.client_lrs(cfg, clients, epoch)
-  if cfg.frozen_clients:
-    # c_lr = 0: no client backward and no client SGD. The forward builds no VJP, the gradient
-    # is the server's alone, params and optimizer states stay as they are (bit for bit).
+  if skip_clients:
+    # c_lr = 0 or status B: no client backward and no client SGD. The forward builds no VJP, the
+    # gradient is the server's alone, params and optimizer states stay as they are (bit for bit).
     a_q, online = map_clients(par, functools.partial(parties.client_forward, net),
                               clients.online, x_q)
     (loss, aux), g_server = jax.value_and_grad(server_loss, argnums=1, has_aux=True)(
         a_q, server.online['params'])
     opt_state, attacked = clients.opt_state, None    # ressfl needs trainable clients
   else:
-    (_, (online, aux, loss, attacked)), (g_clients, g_server) = jax.value_and_grad(
+    (_, (online, aux, loss, attacked, a_q)), (g_clients, g_server) = jax.value_and_grad(
         loss_fn, argnums=(0, 1), has_aux=True)(clients.online['params'],
                                                server.online['params'])
     online, opt_state = jax.vmap(functools.partial(parties.client_update, tx))(
@@ -115,15 +127,16 @@ def train_step(net, cfg: StepConfig, state: TrainState, views_q: jax.Array, view
 
   # SGD on the server (and above on the clients); the server enqueues this step's keys.
   server, server_lr = parties.server_update(cfg, tx, server, aux, g_server, epoch, pool)
+  count = clients.count + 1 if train_clients else clients.count   # B: no scheduler step
   clients = clients.replace(online=online, momentum=momentum, opt_state=opt_state,
-                            count=clients.count + 1, draws=clients.draws + 1)
+                            count=count, draws=clients.draws + 1)
   if attacked is not None:
     clients = clients.replace(attacker=attacked[0])
 
   # Every few steps: FedAvg of the pool's clients (MonAcoSFL: their momentum nets too).
   synced = sync_now(cfg, batch_idx, sync)
   clients, divergences = sync_lib.fedavg_if(synced, clients, cfg.momentum_sync, mask, par,
-                                            keep_params=cfg.frozen_clients)
+                                            keep_params=skip_clients)
 
   metrics = dict(loss=loss, contrastive_acc=aux['acc'], pos_logit_mean=aux['pos'],
                  server_lr=server_lr, client_lr=jnp.mean(client_lrs[:p]),
@@ -131,6 +144,8 @@ def train_step(net, cfg: StepConfig, state: TrainState, views_q: jax.Array, view
                  **divergences)
   if attacked is not None:
     metrics.update(attacker_lr=attacker_lr, **ressfl.pool_means(attacked[1], p))
+  if keep_smashed:
+    metrics.update(smashed_q=a_q[:p], smashed_k=a_k[:p])
   return state.replace(clients=clients, server=server), metrics
 
 

@@ -41,6 +41,7 @@ from mocosfl_jax.evaluation import protocols
 from mocosfl_jax.models import build
 from mocosfl_jax.privacy import attack as attack_lib
 from mocosfl_jax.run import checkpoints, init_from, metrics, workdir_lock
+from mocosfl_jax.run import replay as replay_run
 
 # Fields that may change when a run is resumed (they do not change the trajectory).
 RESUMABLE_CHANGES = {"log_every_steps", "eval_every_steps", "checkpoint_every_steps",
@@ -61,15 +62,19 @@ class NonFiniteLossError(FloatingPointError):
   pass
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 11, 13), donate_argnums=(3,))
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 11, 13),
+                   static_argnames=("train_clients", "keep_smashed"), donate_argnums=(3,))
 def simulated_step(net, cfg: plan.StepConfig, aug: experiment_lib.AugSpec, state: TrainState,
                    images: sampler.TrainImages, table, data_key, aug_key, pool, epoch, batch_idx,
-                   par=None, aux=None, aux_spec: experiment_lib.AuxSpec | None = None):
+                   par=None, aux=None, aux_spec: experiment_lib.AuxSpec | None = None, *,
+                   train_clients: bool = True, keep_smashed: bool = False):
   """Batch indices -> gather -> two views -> the training step, in one compiled call.
 
   With an auxiliary set (`aux` = (TrainImages, ClientTable), `aux_spec` static) every client's
   rows are its B training images (none when `table` is None) then B auxiliary ones, each drawn
   from its own stream at the client's draw counter and normalised with its own constants.
+  `train_clients` / `keep_smashed` (static): the loss-threshold saving's status B and the
+  smashed stacks it keeps (`step.train_step`).
   """
   step_key = jax.random.fold_in(aug_key, state.server.step)
   if cfg.rich_clients:
@@ -90,7 +95,7 @@ def simulated_step(net, cfg: plan.StepConfig, aug: experiment_lib.AugSpec, state
                                    jnp.asarray(a.std), a.pipeline, crop_scale=a.crop_scale))
   views_q, views_k = (jnp.concatenate(v, axis=1) for v in zip(*views))
   return parallel.train_step_fn(net, cfg, state, pool, views_q, views_k, epoch, batch_idx,
-                                par=par)
+                                par=par, train_clients=train_clients, keep_smashed=keep_smashed)
 
 
 def _hetero_step(net, cfg, aug, state, images, tables, data_key, step_key, epoch, batch_idx):
@@ -249,6 +254,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if make_stepper is not None and cfg.rich_clients:
     raise ValueError(f"config.hetero={config.hetero!r}: heterogeneous clients run in the "
                      "simulated step only; remote clients are not implemented with them")
+  if make_stepper is not None and config.loss_threshold > 0:
+    raise ValueError(f"config.loss_threshold={config.loss_threshold!r}: the loss-threshold "
+                     "saving runs in simulated training only; use loss_threshold=0 with remote "
+                     "clients")
   stepper = None if make_stepper is None else make_stepper(exp, net)
   config_dict = config.to_dict()
   if "attack" in config.final_protocols.split(","):   # refused now, not after training
@@ -309,10 +318,14 @@ def _run(exp, net, workdir: Path, primary: bool, warm=None, stepper=None) -> dic
   ckpt = checkpoints.Checkpointer(workdir / "checkpoints", keep_latest=config.keep_checkpoints,
                                   keep_best=1 if selecting else 0, best_metric="knn_accuracy")
   start, window = 0, None
+  rp = (replay_run.ReplayRun(exp, net, workdir, ckpt, pool_key)
+        if config.loss_threshold > 0 else None)
   if ckpt.latest_step() is not None:
     restored = ckpt.restore("latest", _saved(state))
     state = state.replace(**restored.state)
     start, window = restored.step, restored.meta.get("metric_window")
+    if rp is not None:
+      rp.restore(restored.meta["replay"])
     logging.info("resumed from step %d in %s", start, ckpt.directory)
   elif warm is not None:
     state = init_from.apply(state, warm, config.init_momentum)
@@ -329,7 +342,9 @@ def _run(exp, net, workdir: Path, primary: bool, warm=None, stepper=None) -> dic
   def save(step, state, metrics=None, window=None):
     """Writes a checkpoint; `window`: the metric window in progress, resumed from it."""
     if step not in ckpt.all_steps():
-      ckpt.save(step, _saved(state), meta={**meta, "metric_window": window}, metrics=metrics)
+      extra = {} if rp is None else {"replay": rp.snapshot(step)}
+      ckpt.save(step, _saved(state), meta={**meta, "metric_window": window, **extra},
+                metrics=metrics)
 
   def evaluate_and_save(step, state, always_save=False, window=None):
     """kNN on every split; the checkpoint is written when selection needs it (or when due)."""
@@ -350,10 +365,12 @@ def _run(exp, net, workdir: Path, primary: bool, warm=None, stepper=None) -> dic
     state, last_eval = _train_loop(exp, net, state, start, images, ckpt, writer,
                                    keys=(data_key, aug_key, pool_key), window=window,
                                    evaluate_and_save=evaluate_and_save, save=save,
-                                   aux_images=aux_images, stepper=stepper)
+                                   aux_images=aux_images, stepper=stepper, replay=rp)
     if last_eval is None:  # resumed at the end: the last evaluation is not in memory
       last_eval = monitor(state.clients, state.server)
     results = _final_report(exp, monitor, ckpt, state, last_eval, workdir)
+    if rp is not None:
+      results["replay"] = rp.report(exp.step.num_epochs)
   finally:  # let pending checkpoint writes finish even on Ctrl-C, so resume finds them
     ckpt.close()
     writer.close()
@@ -378,13 +395,15 @@ def _run(exp, net, workdir: Path, primary: bool, warm=None, stepper=None) -> dic
 
 
 def _train_loop(exp, net, state, start, images, ckpt, writer, *, keys, window, evaluate_and_save,
-                save, aux_images=None, stepper=None):
+                save, aux_images=None, stepper=None, replay=None):
   """Runs steps start..num_steps; returns (state, the last step's evaluation record or None).
 
   `window`: the metric window the checkpoint at `start` was written in (None: empty).
   `aux_images`: the auxiliary set's TrainImages when the run has one.
   `stepper`: when given, runs each step instead of `simulated_step`:
   stepper(state, s, epoch, b, pool, images, table, data_key, aug_key) -> (state, metrics).
+  `replay`: the loss-threshold saving (run/replay.py's ReplayRun) when config.loss_threshold > 0:
+  each epoch runs in its status (A, B or C) and its end is logged with the status.
   """
   data_key, aug_key, pool_key = keys
   cfg, config = exp.step, exp.config
@@ -426,10 +445,18 @@ def _train_loop(exp, net, state, start, images, ckpt, writer, *, keys, window, e
       pool = None
     elif pool is None or b == 0:
       pool = plan.sample_pool(pool_key, epoch, cfg.num_clients, cfg.pool_size)
+    status = "A" if replay is None else replay.begin_step(epoch, b)
     if stepper is None and cfg.method == "flmoco":
       state, m = flmoco.simulated_step(net, cfg, exp.aug, state, images, table, data_key,
                                        aug_key, pool, jnp.int32(epoch), jnp.int32(b),
                                        jnp.int32(s))
+    elif status == "C":          # the server alone, on the last A/B epoch's smashed data
+      state, m = replay.replay(state, epoch, b)
+    elif replay is not None:   # A or B, keeping the smashed stacks
+      state, m = simulated_step(net, cfg, exp.aug, state, images, table, data_key, aug_key, pool,
+                                jnp.int32(epoch), jnp.int32(b), exp.par, aux, aux_spec,
+                                train_clients=status == "A", keep_smashed=True)
+      replay.store(b, m.pop("smashed_q"), m.pop("smashed_k"))
     elif stepper is None:
       state, m = simulated_step(net, cfg, exp.aug, state, images, table, data_key, aug_key, pool,
                                 jnp.int32(epoch), jnp.int32(b), exp.par, aux, aux_spec)
@@ -437,6 +464,10 @@ def _train_loop(exp, net, state, start, images, ckpt, writer, *, keys, window, e
       state, m = stepper(state, s, epoch, b, pool, images, table, data_key, aug_key)
     window.add(s, m)
     done = s + 1
+    if replay is not None:
+      replay.add_loss(m["loss"])
+      if b == cfg.steps_per_epoch - 1:
+        writer.write(done, replay.end_epoch(epoch))
     last = done == exp.num_steps
     evaluating = done % exp.eval_every == 0 or last
     saving = evaluating or done % config.checkpoint_every_steps == 0
