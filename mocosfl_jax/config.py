@@ -63,6 +63,12 @@ def get_config():
   c.client_schedule = "per_participation"   # the reference's quirk (default) | per_epoch
   c.num_epochs = 200
   c.feature_sharing = True
+  c.moco_version = ""             # "" (none) | V1 | smallV2 | V2 | largeV2: the reference's preset
+                                  # of head, loss_form, lr_schedule, augmentation (experiment.py)
+  c.fedavg_set = "pool"           # pool (the pool's mean) | reference (client 0 + pool[1:])
+  c.client_queues = "clean"       # per-client queues: clean | reference (MocoSFL's; all clients)
+  c.divergence_aware = "off"      # off | fedema (mu = min(1, lambda * div)) | reference (no-op)
+  c.div_mu = 0.7                  # fedema: mu the auto-scaler gives each client at its first sync
   # TAResSFL (algorithm/ressfl.py): a simulated attacker per client, trained in every step, and
   # a regulariser that pushes the attacker's SSIM down to ressfl_target_ssim.
   c.ressfl = False
