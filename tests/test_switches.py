@@ -16,6 +16,7 @@ from core_testlib import (CONFIG_DIR, StandInNet, assert_states_close, copy_tree
                           load_config, views)
 from mocosfl_jax import cli, experiment, main, parallel
 from mocosfl_jax.algorithm import parties, state, sync
+from mocosfl_jax.algorithm import step as step_lib
 from mocosfl_jax.algorithm.plan import StepConfig
 from mocosfl_jax.algorithm.state import ClientState
 
@@ -198,6 +199,15 @@ def test_reference_client_queues_equal_loop():
 def test_bad_switch_values_are_refused(kw, match):
   with pytest.raises(ValueError, match=match):
     StepConfig(**dict(_COMMON, **kw))
+
+
+def test_split_step_refuses_the_sync_switches():
+  """The deployment's split step averages the pool only: the switches are refused, not
+  ignored."""
+  for kw in (dict(fedavg_set='reference'), dict(divergence_aware='fedema')):
+    with pytest.raises(ValueError, match='split_train_step averages the pool'):
+      step_lib.split_train_step(None, StepConfig(**_COMMON, **kw), None, None, None, 0, 0,
+                                pool=None)
 
 
 def _resolved(**fields):

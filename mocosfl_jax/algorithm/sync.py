@@ -12,9 +12,15 @@ client model apart, and XLA:CPU runs that far slower than a dot product over the
 
 Deliberate deviation: the reference's `average_weights` starts from client 0's state dict and
 adds pool[1:], so under client sampling client 0's stale weights replace pool[0]'s; we average
-exactly the pool (docs/reference.md, 'FedAvg'). The whole variables dict is averaged (params and
+exactly the pool (docs/reference.md, 'FedAvg'), and `StepConfig.fedavg_set='reference'`
+reproduces the reference (`reference_weights`). The whole variables dict is averaged (params and
 BatchNorm running stats, as the reference averages buffers); divergences are measured on
-'params' only, as MonAcoSFL's reference code skips BatchNorm buffers too.
+'params' only, as the reference code skips BatchNorm buffers too.
+
+`aggregate_if` is what the step runs: `fedavg_if` plus the switches of `StepConfig`, the
+reference's own divergence measure (`l2_divergences`: per client, the sum over tensors of the
+L2 norm of local - global) and divergence-aware aggregation (FedEMA's rule, or the reference's
+no-op); docs/reference.md, 'Divergence and divergence-aware aggregation'.
 """
 from typing import Any, Optional, Tuple
 
