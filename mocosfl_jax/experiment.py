@@ -305,6 +305,10 @@ def resolve(config: ml_collections.ConfigDict, *, strict: bool = True) -> Experi
       feature_sharing=c.feature_sharing, sample_ratio=sample_ratio, ressfl=ressfl_cfg,
       fedavg_set=c.fedavg_set, client_queues=c.client_queues,
       divergence_aware=c.divergence_aware, div_mu=c.div_mu)
+  if strict:   # known only now: auto_adjust may have set the sampling ratio
+    _need(c.fedavg_set == "pool" or step_cfg.pool_size < step_cfg.num_clients, "fedavg_set",
+          c.fedavg_set, "client 0 + pool[1:] is the pool's mean when every client takes part "
+          "(sample_ratio=1); drop fedavg_set or sample clients (sample_ratio < 1)")
   num_steps = c.num_steps if c.num_steps > 0 else num_epochs * steps_per_epoch
   eval_every = c.eval_every_steps if c.eval_every_steps > 0 else steps_per_epoch
   aug = AugSpec(c.augmentation, tuple(map(float, train.mean)), tuple(map(float, train.std)),

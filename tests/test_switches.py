@@ -236,6 +236,9 @@ def test_moco_version_sets_head_loss_schedule_and_augmentation():
     _resolved(div_mu=0.5)
   with pytest.raises(ValueError, match=r"config.client_queues='reference': describes"):
     _resolved(client_queues='reference')
+  with pytest.raises(ValueError, match=r"config.fedavg_set='reference': client 0 \+ pool\[1:\] "
+                     r"is the pool's mean when every client takes part"):
+    _resolved(fedavg_set='reference')
 
 
 def test_cli_takes_each_switch_on_tiny():

@@ -223,23 +223,25 @@ def reference_weights(pool: jax.Array, rows: int, mask: Optional[jax.Array]):
   return m - first + at0, 1.0 - jnp.sum(at0)
 
 
-def l2_divergences(par, rows: PyTree, avg: PyTree) -> jax.Array:
+def l2_divergences(par, rows: PyTree, avg: PyTree, n: int) -> jax.Array:
   """The reference's divergence of every row: the sum over tensors of ||local - global||_2.
 
   Args:
-    rows: stacked 'params' of the pool's rows (leading axis P'); avg: the global 'params'.
+    rows: stacked 'params' of the pool's n rows (leading axis); avg: the global 'params'.
 
   Returns:
-    float [P'] (per client, not per element: unlike MonAcoSFL's mean squared difference it
-    grows with the model's size).
+    float [n] (per client, not per element: unlike MonAcoSFL's mean squared difference it
+    grows with the model's size); zeros for a client without params.
   """
-  n = jax.tree.leaves(rows)[0].shape[0]
+  dtype = precision.float_dtype()
+  if not jax.tree.leaves(rows):
+    return jnp.zeros((n,), dtype)
 
   def one(a, b):
-    return sum(jnp.sqrt(jnp.sum(jnp.square(x - y))) for x, y in
+    return sum(jnp.sqrt(jnp.sum(jnp.square(x - y))).astype(dtype) for x, y in
                zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
-  return map_clients(par, one, rows, broadcast_clients(avg, n)).astype(precision.float_dtype())
+  return map_clients(par, one, rows, broadcast_clients(avg, n))
 
 
 def _masked_mean_std(d: jax.Array, mask: Optional[jax.Array]):
@@ -298,7 +300,8 @@ def aggregate_if(sync, clients, cfg, mask: Optional[jax.Array] = None,
     avg_on, avg_mom, m = fedavg_masked(par, cl.online, cl.momentum, mask, cfg.momentum_sync,
                                        weights, extra)
     m = {k: v.astype(dtype) for k, v in m.items()}
-    d = l2_divergences(par, cl.online.get('params', cl.online), avg_on.get('params', avg_on))
+    d = l2_divergences(par, cl.online.get('params', cl.online), avg_on.get('params', avg_on),
+                       rows)
     m['div_l2_mean'], m['div_l2_std'] = _masked_mean_std(d, mask)
     online = broadcast_clients(avg_on, rows)
     if cfg.frozen_clients and 'params' in online:
