@@ -78,6 +78,12 @@ def get_config():
   c.replay_warmup_epochs = 10     # epochs that always stay in A (the reference's 10)
   c.replay_device_bytes = 2**30   # the stored stacks stay on the device up to this size, else
                                   # a memory-mapped file in the workdir (replay/)
+  c.moco_version = ""             # "" (none) | V1 | smallV2 | V2 | largeV2: the reference's preset
+                                  # of head, loss_form, lr_schedule, augmentation (experiment.py)
+  c.fedavg_set = "pool"           # pool (the pool's mean) | reference (client 0 + pool[1:])
+  c.client_queues = "clean"       # per-client queues: clean | reference (MocoSFL's; all clients)
+  c.divergence_aware = "off"      # off | fedema (mu = min(1, lambda * div)) | reference (no-op)
+  c.div_mu = 0.7                  # fedema: mu the auto-scaler gives each client at its first sync
   # TAResSFL (algorithm/ressfl.py): a simulated attacker per client, trained in every step, and
   # a regulariser that pushes the attacker's SSIM down to ressfl_target_ssim.
   c.ressfl = False

@@ -27,6 +27,17 @@ from mocosfl_jax.models import SplitConfig, build, num_layers, validate as valid
 from mocosfl_jax.privacy import decoder as decoder_lib
 
 AUGMENTATIONS = ("mocov2", "mocov1", "none")
+# What the reference's `moco_version` sets (get_sfl_args): head (and with it K_dim), loss form
+# (symmetric or not), schedule (cos) and augmentation. Each field lists the values that agree
+# with the version; the first is what the preset sets. V2-style versions are symmetric, so
+# MonAcoSFL's two-view form agrees with them too.
+_SYMMETRIC = ("original", "two_view")
+MOCO_VERSIONS = {
+    "V1": dict(head=("V1",), loss_form=("single",), lr_schedule=("multistep",),
+               augmentation=("mocov1",)),
+    **{v: dict(head=(v,), loss_form=_SYMMETRIC, lr_schedule=("cosine",),
+               augmentation=("mocov2",)) for v in ("smallV2", "V2", "largeV2")},
+}
 INIT_MOMENTUM = ("copy", "random")
 FINAL_PROTOCOLS = ("knn", "linear", "semi", "attack")
 
@@ -78,6 +89,30 @@ class Experiment:
 def _need(cond, field, value, msg):
   if not cond:
     raise ValueError(f"config.{field}={value!r}: {msg}")
+
+
+def apply_moco_version(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The config with config.moco_version's preset applied ("" leaves it as it is).
+
+  A field the preset sets is taken as unset while it holds its default (get_config's) and then
+  takes the preset's value; set to anything else it must agree with the version (e.g. V2 with
+  loss_form='two_view', MonAcoSFL's symmetric form), else the config is refused naming both.
+  """
+  version = c.moco_version
+  if version == "":
+    return c
+  _need(version in MOCO_VERSIONS, "moco_version", version,
+        f"valid: '' (none), {', '.join(MOCO_VERSIONS)}")
+  defaults = config_lib.get_config()
+  out = ml_collections.ConfigDict(c.to_dict())
+  for field, allowed in MOCO_VERSIONS[version].items():
+    if c[field] in allowed:
+      continue
+    _need(c[field] == defaults[field], field, c[field],
+          f"moco_version={version!r} sets {field} to {allowed[0]!r} (agrees: "
+          f"{', '.join(map(repr, allowed))}); drop {field} or moco_version")
+    out[field] = allowed[0]
+  return out
 
 
 def check_fields(c: ml_collections.ConfigDict, *, strict: bool = True) -> None:
@@ -148,6 +183,9 @@ def check_fields(c: ml_collections.ConfigDict, *, strict: bool = True) -> None:
     _need(c.method == "mocosfl", "loss_threshold", c.loss_threshold,
           f"with method={c.method!r} no smashed data are sent, so there is nothing to save or "
           "replay; use loss_threshold=0 or method='mocosfl'")
+    _need(c.divergence_aware == "off", "loss_threshold", c.loss_threshold,
+          f"status B keeps the clients' models as they are, which divergence_aware="
+          f"{c.divergence_aware!r} would mix; use loss_threshold=0 or divergence_aware='off'")
     _need(not c.hetero, "loss_threshold", c.loss_threshold,
           f"the stored smashed stacks hold one batch size per client, and hetero={c.hetero!r} "
           "gives rich clients wider rows; use loss_threshold=0 or hetero=''")
@@ -224,6 +262,12 @@ def check_nothing_ignored(c: ml_collections.ConfigDict) -> None:
   _need(c.init_momentum == defaults.init_momentum or c.init_from, "init_momentum",
         c.init_momentum, "only a warm start uses it (what the momentum nets start from); set "
         "init_from=DIR or drop init_momentum")
+  _need(c.client_queues == defaults.client_queues or not c.feature_sharing, "client_queues",
+        c.client_queues, "describes per-client queues, and feature_sharing=True uses the shared "
+        "queue; set feature_sharing=False or drop client_queues")
+  _need(c.div_mu == defaults.div_mu or c.divergence_aware == "fedema", "div_mu", c.div_mu,
+        f"only divergence_aware='fedema' uses it, and divergence_aware="
+        f"{c.divergence_aware!r}; set divergence_aware='fedema' or drop div_mu")
 
 
 def _check_hetero(c: ml_collections.ConfigDict) -> None:
@@ -264,7 +308,7 @@ def resolve(config: ml_collections.ConfigDict, *, strict: bool = True) -> Experi
 
   strict=False (a config read back from a run) skips only `check_nothing_ignored`.
   """
-  c = config_lib.with_defaults(config)
+  c = apply_moco_version(config_lib.with_defaults(config))
   check_fields(c, strict=strict)
   par = _as_config_error(ClientParallel, c.client_parallel, c.client_chunk)
   _as_config_error(plan.check_sample_ratio, c.sample_ratio)
@@ -361,7 +405,13 @@ def resolve(config: ml_collections.ConfigDict, *, strict: bool = True) -> Experi
       client_schedule=c.client_schedule, num_epochs=num_epochs,
       steps_per_epoch=steps_per_epoch, avg_freq=min(avg_freq, steps_per_epoch),
       feature_sharing=c.feature_sharing, sample_ratio=sample_ratio, ressfl=ressfl_cfg,
-      method=c.method, rich_clients=rich, rich_batch_size=rich_batch)
+      method=c.method, rich_clients=rich, rich_batch_size=rich_batch,
+      fedavg_set=c.fedavg_set, client_queues=c.client_queues,
+      divergence_aware=c.divergence_aware, div_mu=c.div_mu)
+  if strict:   # known only now: auto_adjust may have set the sampling ratio
+    _need(c.fedavg_set == "pool" or step_cfg.pool_size < step_cfg.num_clients, "fedavg_set",
+          c.fedavg_set, "client 0 + pool[1:] is the pool's mean when every client takes part "
+          "(sample_ratio=1); drop fedavg_set or sample clients (sample_ratio < 1)")
   num_steps = c.num_steps if c.num_steps > 0 else num_epochs * steps_per_epoch
   eval_every = c.eval_every_steps if c.eval_every_steps > 0 else steps_per_epoch
   aug = AugSpec(c.augmentation, tuple(map(float, train.mean)), tuple(map(float, train.std)),

@@ -86,12 +86,22 @@ def train_step_fn(net, cfg: StepConfig, state: TrainState, pool: Optional[jax.Ar
 
   clients = state.clients
   rows = clients if in_place else gather_pool(par, clients, ids)
-  new, metrics = step_lib.train_step(
+  client0 = None
+  if cfg.fedavg_set == 'reference':   # client 0 + pool[1:]: client 0 as it is before the step
+    client0 = jax.tree.map(lambda x: x[0], (clients.online, clients.momentum))
+  new, metrics, global_online = step_lib.pool_step(
       net, cfg, state.replace(clients=rows), views_q, views_k, jnp.asarray(epoch, jnp.int32),
-      batch_idx, sync, pool=pool, mask=mask, par=par, train_clients=train_clients,
-      keep_smashed=keep_smashed)
+      batch_idx, sync, pool=pool, mask=mask, par=par, client0=client0,
+      train_clients=train_clients, keep_smashed=keep_smashed)
   if in_place:
     return new, metrics
+  if global_online is not None:
+    # Divergence-aware: the pool's rows keep (part of) their local models; every other client
+    # gets the global one, then the pool's rows are written back.
+    clients = lax.cond(metrics['synced'] > 0,
+                       lambda c: c.replace(online=_every(c, global_online)), lambda c: c,
+                       clients)
+    return new.replace(clients=scatter_pool(par, clients, new.clients, ids)), metrics
   clients = scatter_pool(par, clients, new.clients, ids)
   # Sync step: every pool row now holds the average; the other clients get it too.
   clients = lax.cond(metrics['synced'] > 0,
@@ -123,6 +133,12 @@ def _give_all(clients, rows, momentum_sync: bool):
   if momentum_sync:
     clients = clients.replace(momentum=every(rows.momentum))
   return clients
+
+
+def _every(clients, tree):
+  """`tree` (one client's variables) copied to every client of `clients`."""
+  n = clients.count.shape[0]
+  return jax.tree.map(lambda x: jnp.broadcast_to(x[None], (n,) + x.shape), tree)
 
 
 def _check_inputs(cfg: StepConfig, pool, views_q, views_k) -> None:

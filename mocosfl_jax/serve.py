@@ -158,6 +158,10 @@ def make_stepper_factory(args, workdir: Path):
     if not cfg.feature_sharing:
       raise ValueError("serve needs the shared queue (feature_sharing=True); per-client queues "
                        "run with python -m mocosfl_jax.main")
+    if cfg.fedavg_set != "pool" or cfg.divergence_aware != "off":
+      raise ValueError("serve averages the pool (fedavg_set='pool', divergence_aware='off'); "
+                       "the reference's FedAvg set and divergence-aware aggregation run with "
+                       "python -m mocosfl_jax.main")
     if exp.par.mode != "vmap":
       raise ValueError(f"serve runs the pool with vmap; client_parallel={exp.par.mode!r} runs "
                        "with python -m mocosfl_jax.main")

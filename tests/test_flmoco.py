@@ -238,3 +238,9 @@ def test_serve_and_attack_refuse_an_flmoco_run(tmp_path, capsys):
                    '--listen', '127.0.0.1:0'])
   assert rc == 2 and 'has no server step to serve' in capsys.readouterr().err
   assert not (tmp_path / 'served').exists()
+
+
+def test_split_only_sync_switches_are_refused():
+  for overrides in (dict(divergence_aware='fedema'), dict(fedavg_set='reference', sample_ratio=0.5)):
+    with pytest.raises(ValueError, match="FL-MoCo's FedAvg is the pool's mean"):
+      experiment.resolve(_config(**overrides))

@@ -85,8 +85,17 @@ def server_prepare(cfg: StepConfig, server: ServerState, pool: jax.Array):
   """The server's momentum net follows W (EMA, before the loss), and the queue the loss sees:
   the shared queue, or the pool's per-client queues. Returns (momentum vars, queue)."""
   momentum = optim.ema(server.momentum, server.online, cfg.tau)
-  queue = server.queue if cfg.feature_sharing else server.queue[pool]
+  queue = server.queue if cfg.feature_sharing else server.queue[queue_rows(cfg, pool)]
   return momentum, queue
+
+
+def queue_rows(cfg: StepConfig, pool: jax.Array) -> jax.Array:
+  """Which per-client queue each pool position uses: its client's (pool[j]), or with the
+  reference's queues (`client_queues='reference'`, every client in the pool) queue j, as the
+  reference slices the j-th block of rows by client id."""
+  if cfg.client_queues == 'reference':
+    return jnp.arange(cfg.num_clients, dtype=jnp.int32)
+  return pool
 
 
 def server_update(cfg: StepConfig, tx: optax.GradientTransformation, server: ServerState,
@@ -101,7 +110,10 @@ def server_update(cfg: StepConfig, tx: optax.GradientTransformation, server: Ser
   if cfg.feature_sharing:
     queue, ptr = queue_lib.enqueue(server.queue, server.ptr, aux['keys'])
   else:
-    queue, ptr = queue_lib.enqueue_clients(server.queue, server.ptr, pool, aux['client_keys'])
+    keys = aux['client_keys']
+    if cfg.drops_k2:   # MocoSFL's per-client queues: the k1 block of each client only
+      keys = keys[:, :cfg.batch_size]
+    queue, ptr = queue_lib.enqueue_clients(server.queue, server.ptr, queue_rows(cfg, pool), keys)
   server = server.replace(
       online=with_params(aux['online_vars'], params), momentum=aux['momentum_vars'],
       opt_state=opt_state, queue=queue, ptr=ptr, step=server.step + 1,

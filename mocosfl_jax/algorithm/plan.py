@@ -19,6 +19,9 @@ CLIENT_SCHEDULES = ('per_participation', 'per_epoch')
 FLAVOURS = ('mocosfl', 'monacosfl')
 METHODS = ('mocosfl', 'flmoco')
 FLMOCO_LOSS_FORMS = ('original', 'single')
+FEDAVG_SETS = ('pool', 'reference')
+CLIENT_QUEUES = ('clean', 'reference')
+DIVERGENCE_AWARE = ('off', 'fedema', 'reference')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +101,15 @@ class StepConfig:
       client draws batch_size). Needs full participation and the shared queue
       (algorithm/hetero_step.py).
     rich_batch_size: the rich clients' batch (int(c) * B); 0 when rich_clients is 0.
+    fedavg_set: 'pool' (the pool's mean) or 'reference' (client 0 + pool[1:], the reference's
+      `average_weights`, also for MonAcoSFL's momentum nets); algorithm/sync.py.
+    client_queues: per-client queues 'clean' (indexed by pool position, normalised, every key
+      enqueued) or 'reference' (MocoSFL's: unnormalised at init, only the k1 block enqueued
+      under 'original'; needs pool_size == num_clients); algorithm/queue.py.
+    divergence_aware: 'off' (plain FedAvg), 'fedema' (each pool client keeps
+      mu * local + (1 - mu) * global, mu = min(1, lambda * divergence)) or 'reference' (the
+      reference's no-op: pool clients keep their local weights, the others get the global).
+    div_mu: 'fedema': the mu each client's auto-scaler gives it at its first sync.
   """
   num_clients: int
   batch_size: int
@@ -122,6 +134,10 @@ class StepConfig:
   method: str = 'mocosfl'
   rich_clients: int = 0
   rich_batch_size: int = 0
+  fedavg_set: str = 'pool'
+  client_queues: str = 'clean'
+  divergence_aware: str = 'off'
+  div_mu: float = 0.7
 
   def __post_init__(self):
     check_sample_ratio(self.sample_ratio)
@@ -146,8 +162,17 @@ class StepConfig:
 
   @property
   def keys_per_client(self) -> int:
-    """Keys each client contributes to the queue per step (k1 and k2 blocks for 'original')."""
-    return self.batch_size if self.loss_form == 'single' else 2 * self.batch_size
+    """Keys each client contributes to the queue per step (k1 and k2 blocks for 'original';
+    the k1 block only with the reference's per-client queues, which drop k2)."""
+    if self.loss_form == 'single' or self.drops_k2:
+      return self.batch_size
+    return 2 * self.batch_size
+
+  @property
+  def drops_k2(self) -> bool:
+    """MocoSFL's per-client queues under 'original' enqueue only the k1 block of the keys."""
+    return (not self.feature_sharing and self.client_queues == 'reference'
+            and self.loss_form == 'original')
 
   @property
   def keys_per_step(self) -> int:
@@ -195,6 +220,28 @@ class StepConfig:
          'train; use c_lr > 0 (the expert), or drop ressfl (the frozen deployment).')
     need(0.0 <= self.momentum < 1.0, f'momentum={self.momentum!r} must be in [0, 1).')
     need(self.weight_decay >= 0, f'weight_decay={self.weight_decay!r} must be >= 0.')
+    need(self.fedavg_set in FEDAVG_SETS,
+         f'fedavg_set={self.fedavg_set!r}; valid: {FEDAVG_SETS}.')
+    need(self.client_queues in CLIENT_QUEUES,
+         f'client_queues={self.client_queues!r}; valid: {CLIENT_QUEUES}.')
+    if self.client_queues == 'reference':
+      need(not self.feature_sharing,
+           "client_queues='reference' describes per-client queues and has no effect with the "
+           "shared queue; set feature_sharing=False or client_queues='clean'.")
+      need(self.pool_size == self.num_clients,
+           f"client_queues='reference' slices rows by client id, which is only well defined "
+           f"when every client takes part (pool_size={self.pool_size} of num_clients="
+           f"{self.num_clients}); set sample_ratio=1 or client_queues='clean'.")
+    need(self.divergence_aware in DIVERGENCE_AWARE,
+         f'divergence_aware={self.divergence_aware!r}; valid: {DIVERGENCE_AWARE}.')
+    if self.divergence_aware != 'off':
+      need(not self.momentum_sync,
+           f'divergence_aware={self.divergence_aware!r} with momentum_sync=True: MonAcoSFL '
+           'asserts they are not combined; drop one.')
+      need(not self.frozen_clients,
+           f'divergence_aware={self.divergence_aware!r} with c_lr=0: frozen clients never '
+           'diverge; drop divergence_aware or train the clients.')
+    need(0.0 < self.div_mu <= 1.0, f'div_mu={self.div_mu!r} must be in (0, 1].')
     need(self.steps_per_epoch // self.avg_freq >= 1,
          f'avg_freq={self.avg_freq} > steps_per_epoch={self.steps_per_epoch}: '
          f'steps_per_epoch // avg_freq == 0 (the reference divides by zero); need avg_freq <= '
@@ -247,6 +294,10 @@ class StepConfig:
          'reference); momentum sync is MonAcoSFL\'s, drop it.')
     need(self.ressfl is None, 'ressfl with method=flmoco: FL-MoCo sends no smashed data, so '
          "there is nothing for TAResSFL's attacker to invert; drop ressfl.")
+    need(self.fedavg_set == 'pool' and self.divergence_aware == 'off',
+         f'fedavg_set={self.fedavg_set!r}, divergence_aware={self.divergence_aware!r} with '
+         "method=flmoco: FL-MoCo's FedAvg is the pool's mean (algorithm/flmoco.py); use "
+         "fedavg_set='pool', divergence_aware='off'.")
     need(self.c_lr > 0, f'c_lr={self.c_lr!r} with method=flmoco: FL-MoCo clients train the '
          'whole network at c_lr (default: lr); it must be > 0.')
     need(self.queue_size >= self.keys_per_client,

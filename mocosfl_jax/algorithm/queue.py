@@ -10,6 +10,9 @@ The reference slices rows by client *id* (`[c*B, (c+1)*B)`), which mixes clients
 pool is not range(N); it also leaves MocoSFL's per-client queues unnormalised and drops the k2
 half of the keys with the original symmetric loss. Here per-client queues are L2-normalised at
 init (as MonAcoSFL's code) and each client enqueues all of its own keys (`StepConfig.keys_per_client`).
+`StepConfig.client_queues='reference'` reproduces MocoSFL's queues where they are well defined
+(every client in the pool, so pool position j is client j): raw N(0, 1) init, and only the k1
+block of the keys enqueued under the 'original' loss (algorithm/parties.py).
 """
 import jax
 import jax.numpy as jnp
@@ -29,9 +32,12 @@ def init_queue(key: jax.Array, size: int, dim: int) -> jax.Array:
   return l2_normalize(jax.random.normal(key, (size, dim), precision.float_dtype()))
 
 
-def init_client_queues(key: jax.Array, num_clients: int, size: int, dim: int) -> jax.Array:
-  """Per-client queues [N, K // N, D], normalised per key (as MonAcoSFL's code; MocoSFL's left them raw)."""
-  return l2_normalize(jax.random.normal(key, (num_clients, size, dim), precision.float_dtype()))
+def init_client_queues(key: jax.Array, num_clients: int, size: int, dim: int,
+                       normalise: bool = True) -> jax.Array:
+  """Per-client queues [N, K // N, D] of N(0, 1) entries, normalised per key (as MonAcoSFL's
+  code) unless normalise=False (MocoSFL's code left them raw: `client_queues='reference'`)."""
+  q = jax.random.normal(key, (num_clients, size, dim), precision.float_dtype())
+  return l2_normalize(q) if normalise else q
 
 
 def enqueue(queue: jax.Array, ptr: jax.Array, keys: jax.Array):

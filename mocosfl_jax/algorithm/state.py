@@ -71,6 +71,9 @@ class ServerState:
     ptr: int32 scalar (shared) or int32 [N] (per-client) write pointer(s).
     step: int32 global steps taken.
     epoch: int32 0-based epoch of the last step.
+    div_lambda: divergence-aware aggregation ('fedema') only, else None (no leaf, so the
+      checkpoints of other runs keep their tree): float [N], each client's lambda, 0 until the
+      auto-scaler sets it at the client's first sync. The aggregator (the server) keeps it.
   """
   online: PyTree
   momentum: PyTree
@@ -79,6 +82,7 @@ class ServerState:
   ptr: jax.Array
   step: jax.Array
   epoch: jax.Array
+  div_lambda: Any = None
 
 
 @flax.struct.dataclass
@@ -139,7 +143,8 @@ def init_fn(net, cfg: StepConfig, key: jax.Array) -> TrainState:
     q = queue_lib.init_queue(k_queue, cfg.queue_size, net.key_dim)
     ptr = jnp.zeros((), jnp.int32)
   else:
-    q = queue_lib.init_client_queues(k_queue, n, cfg.client_queue_size, net.key_dim)
+    q = queue_lib.init_client_queues(k_queue, n, cfg.client_queue_size, net.key_dim,
+                                     normalise=cfg.client_queues != 'reference')
     ptr = jnp.zeros((n,), jnp.int32)
   server = ServerState(
       online=_copy(server_vars),
@@ -149,6 +154,8 @@ def init_fn(net, cfg: StepConfig, key: jax.Array) -> TrainState:
       ptr=ptr,
       step=jnp.zeros((), jnp.int32),
       epoch=jnp.zeros((), jnp.int32),
+      div_lambda=(jnp.zeros((n,), precision.float_dtype()) if cfg.divergence_aware == 'fedema'
+                  else None),
   )
   return TrainState(clients=clients, server=server, tx=tx)
 

@@ -24,7 +24,8 @@ metrics ('smashed_q', 'smashed_k', [P, B', ...]) so the run can keep them for re
 
 Step order, the three loss forms and where we differ from the reference on purpose (batch
 shuffle dropped, FedAvg of exactly the pool, per-client queues indexed by pool position) are
-described in docs/reference.md.
+described in docs/reference.md; `StepConfig` switches to the reference's FedAvg set and
+per-client queues, and to divergence-aware aggregation (sync.aggregate_if).
 """
 import functools
 from typing import Optional
@@ -46,8 +47,22 @@ from mocosfl_jax.algorithm.state import TrainState
 def train_step(net, cfg: StepConfig, state: TrainState, views_q: jax.Array, views_k: jax.Array,
                epoch, batch_idx, sync: Optional[jax.Array] = None, *, pool: jax.Array,
                mask: Optional[jax.Array] = None, par: Optional[ClientParallel] = None,
-               train_clients: bool = True, keep_smashed: bool = False):
-  """One step of the pool (pure; jit it, or use `parallel.train_step`).
+               client0: Optional[tuple] = None, train_clients: bool = True,
+               keep_smashed: bool = False):
+  """One step of the pool (pure; jit it, or use `parallel.train_step`): `pool_step` without
+  its third output."""
+  new, metrics, _ = pool_step(net, cfg, state, views_q, views_k, epoch, batch_idx, sync,
+                              pool=pool, mask=mask, par=par, client0=client0,
+                              train_clients=train_clients, keep_smashed=keep_smashed)
+  return new, metrics
+
+
+def pool_step(net, cfg: StepConfig, state: TrainState, views_q: jax.Array, views_k: jax.Array,
+              epoch, batch_idx, sync: Optional[jax.Array] = None, *, pool: jax.Array,
+              mask: Optional[jax.Array] = None, par: Optional[ClientParallel] = None,
+              client0: Optional[tuple] = None, train_clients: bool = True,
+              keep_smashed: bool = False):
+  """One step of the pool (pure), and the global model its sync gave the clients outside it.
 
   Args:
     net: split network (static).
@@ -63,11 +78,16 @@ def train_step(net, cfg: StepConfig, state: TrainState, views_q: jax.Array, view
     par: how per-client work is mapped (vmap, chunks, shard_map); None is vmap.
     train_clients: False (static): status B, no client backward / SGD / scheduler step.
     keep_smashed: True (static): the metrics also hold the smashed stacks.
+    client0: (online, momentum) variables of client 0 before the step, for
+      cfg.fedavg_set='reference' (client 0 + pool[1:]); unused otherwise.
 
   Returns:
-    (state, metrics): metrics loss, contrastive_acc (%), pos_logit_mean, server_lr, client_lr
-    (pool mean), client_lrs [P], synced, div_online_global, div_online_momentum,
-    div_momentum_global (the divergences are 0 on steps without sync); with cfg.ressfl also
+    (state, metrics, global online variables of the sync, or None unless
+    cfg.divergence_aware: then the pool's rows need not hold it). metrics: loss,
+    contrastive_acc (%), pos_logit_mean, server_lr, client_lr (pool mean), client_lrs [P],
+    synced, div_online_global, div_online_momentum,
+    div_momentum_global, div_l2_mean, div_l2_std (and div_mu_mean with
+    divergence_aware='fedema'; the divergences are 0 on steps without sync); with cfg.ressfl also
     attacker_lr and the pool means of ressfl.METRIC_KEYS (`loss` stays the server's loss).
   """
   clients, server, tx, p = state.clients, state.server, state.tx, cfg.pool_size
@@ -135,8 +155,11 @@ def train_step(net, cfg: StepConfig, state: TrainState, views_q: jax.Array, view
 
   # Every few steps: FedAvg of the pool's clients (MonAcoSFL: their momentum nets too).
   synced = sync_now(cfg, batch_idx, sync)
-  clients, divergences = sync_lib.fedavg_if(synced, clients, cfg.momentum_sync, mask, par,
-                                            keep_params=skip_clients)
+  clients, divergences, global_online, div_lambda = sync_lib.aggregate_if(
+      synced, clients, cfg, mask, par, pool=pool, client0=client0,
+      div_lambda=server.div_lambda, keep_params=skip_clients)
+  if div_lambda is not None:
+    server = server.replace(div_lambda=div_lambda)
 
   metrics = dict(loss=loss, contrastive_acc=aux['acc'], pos_logit_mean=aux['pos'],
                  server_lr=server_lr, client_lr=jnp.mean(client_lrs[:p]),
@@ -146,7 +169,7 @@ def train_step(net, cfg: StepConfig, state: TrainState, views_q: jax.Array, view
     metrics.update(attacker_lr=attacker_lr, **ressfl.pool_means(attacked[1], p))
   if keep_smashed:
     metrics.update(smashed_q=a_q[:p], smashed_k=a_k[:p])
-  return state.replace(clients=clients, server=server), metrics
+  return state.replace(clients=clients, server=server), metrics, global_online
 
 
 def split_train_step(net, cfg: StepConfig, state: TrainState, views_q: jax.Array,
@@ -162,6 +185,10 @@ def split_train_step(net, cfg: StepConfig, state: TrainState, views_q: jax.Array
   if cfg.ressfl is not None:
     raise ValueError('split_train_step does not run the simulated attacker (cfg.ressfl); use '
                      'step.train_step, or a StepConfig with ressfl=None.')
+  if cfg.fedavg_set != 'pool' or cfg.divergence_aware != 'off':
+    raise ValueError(f'split_train_step averages the pool (fedavg_set={cfg.fedavg_set!r}, '
+                     f'divergence_aware={cfg.divergence_aware!r}); use step.train_step, or '
+                     "fedavg_set='pool' and divergence_aware='off'.")
   clients, server, tx = state.clients, state.server, state.tx
   a_q, a_k, online, momentum, residual = jax.vmap(
       functools.partial(parties.client_send, net, cfg))(clients.online, clients.momentum,

@@ -12,9 +12,15 @@ client model apart, and XLA:CPU runs that far slower than a dot product over the
 
 Deliberate deviation: the reference's `average_weights` starts from client 0's state dict and
 adds pool[1:], so under client sampling client 0's stale weights replace pool[0]'s; we average
-exactly the pool (docs/reference.md, 'FedAvg'). The whole variables dict is averaged (params and
+exactly the pool (docs/reference.md, 'FedAvg'), and `StepConfig.fedavg_set='reference'`
+reproduces the reference (`reference_weights`). The whole variables dict is averaged (params and
 BatchNorm running stats, as the reference averages buffers); divergences are measured on
-'params' only, as MonAcoSFL's reference code skips BatchNorm buffers too.
+'params' only, as the reference code skips BatchNorm buffers too.
+
+`aggregate_if` is what the step runs: `fedavg_if` plus the switches of `StepConfig`, the
+reference's own divergence measure (`l2_divergences`: per client, the sum over tensors of the
+L2 norm of local - global) and divergence-aware aggregation (FedEMA's rule, or the reference's
+no-op); docs/reference.md, 'Divergence and divergence-aware aggregation'.
 """
 from typing import Any, Optional, Tuple
 
@@ -23,7 +29,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from mocosfl_jax import precision
-from mocosfl_jax.algorithm.mapping import AXIS, ClientParallel, reduce_clients
+from mocosfl_jax.algorithm.mapping import AXIS, ClientParallel, map_clients, reduce_clients
 
 PyTree = Any
 DIVERGENCE_KEYS = ('div_online_global', 'div_online_momentum', 'div_momentum_global')
@@ -100,7 +106,8 @@ def _wsum(tree: PyTree, mask: jax.Array) -> PyTree:
 
 
 def fedavg_masked(par, online_pool: PyTree, momentum_pool: PyTree, mask: Optional[jax.Array],
-                  sync_momentum: bool):
+                  sync_momentum: bool, weights: Optional[jax.Array] = None,
+                  extra: Optional[tuple] = None):
   """FedAvg over the real (mask 1; None = all) clients of a possibly padded, sharded pool.
 
   `par` is a ClientParallel (None: vmap): under 'shard_map' every device sums its local
@@ -108,6 +115,10 @@ def fedavg_masked(par, online_pool: PyTree, momentum_pool: PyTree, mask: Optiona
   the sums are psum'ed over the 'clients' axis (the pmean of `fedavg_client`, weighted by the
   mask so padding clients count for nothing). Same results as `fedavg_pool` up to float
   summation order. Integer leaves are taken from pool position 0.
+
+  weights, extra: the reference's set (`reference_weights`): the rows are summed with
+  `weights` instead of the mask, `extra` = (online vars, momentum vars, weight) of one more
+  client (no pool axis) is added, and the sum is still divided by the number of real rows.
 
   Returns:
     (mean online vars, mean momentum vars or None, metrics) without the pool axis.
@@ -118,8 +129,16 @@ def fedavg_masked(par, online_pool: PyTree, momentum_pool: PyTree, mask: Optiona
   def sums(on, mom, m):
     return dict(n=jnp.sum(m), on=_wsum(on, m), mom=_wsum(mom, m))
 
-  s = reduce_clients(par, sums, online_pool, momentum_pool, mask)
-  n = s['n']
+  if weights is None:
+    s = reduce_clients(par, sums, online_pool, momentum_pool, mask)
+    n = s['n']
+  else:
+    s = reduce_clients(par, sums, online_pool, momentum_pool, weights)
+    n = jnp.sum(mask)
+    if extra is not None:
+      on0, mom0, w0 = extra
+      add = lambda tot, x: tot + w0.astype(tot.dtype) * x if _is_float(x) else tot
+      s = dict(s, on=jax.tree.map(add, s['on'], on0), mom=jax.tree.map(add, s['mom'], mom0))
 
   def mean(tot, full):
     return jax.tree.map(lambda t, x: (t / n).astype(x.dtype) if _is_float(x) else x[0],
@@ -178,3 +197,140 @@ def fedavg_if(sync, clients, sync_momentum: bool, mask: Optional[jax.Array] = No
     return cl, {k: jnp.zeros((), precision.float_dtype()) for k in DIVERGENCE_KEYS}
 
   return lax.cond(jnp.asarray(sync, bool), do_sync, no_sync, clients)
+
+
+# ---- the reference's FedAvg set, its divergence measure, divergence-aware aggregation ---------
+
+L2_KEYS = ('div_l2_mean', 'div_l2_std')
+MU_KEY = 'div_mu_mean'
+
+
+def reference_weights(pool: jax.Array, rows: int, mask: Optional[jax.Array]):
+  """Row weights of the reference's `average_weights`: client 0 + pool[1:], divided by P.
+
+  Pool position 0 gets weight 0 and client 0 weight 1: through its row when client 0 is in the
+  pool (so a client 0 at position j >= 1 counts twice), else as an extra client whose weight is
+  returned. Padding rows (mask 0) get 0.
+
+  Returns:
+    (weights [rows], weight of client 0 when it is outside the pool: 1.0 or 0.0).
+  """
+  dtype = precision.float_dtype()
+  m = jnp.ones((rows,), dtype) if mask is None else mask.astype(dtype)
+  p = pool.shape[0]
+  at0 = jnp.zeros((rows,), dtype).at[:p].set((pool == 0).astype(dtype))
+  first = jnp.zeros((rows,), dtype).at[0].set(1.0)
+  return m - first + at0, 1.0 - jnp.sum(at0)
+
+
+def l2_divergences(par, rows: PyTree, avg: PyTree, n: int) -> jax.Array:
+  """The reference's divergence of every row: the sum over tensors of ||local - global||_2.
+
+  Args:
+    rows: stacked 'params' of the pool's n rows (leading axis); avg: the global 'params'.
+
+  Returns:
+    float [n] (per client, not per element: unlike MonAcoSFL's mean squared difference it
+    grows with the model's size); zeros for a client without params.
+  """
+  dtype = precision.float_dtype()
+  if not jax.tree.leaves(rows):
+    return jnp.zeros((n,), dtype)
+
+  def one(a, b):
+    return sum(jnp.sqrt(jnp.sum(jnp.square(x - y))).astype(dtype) for x, y in
+               zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+  return map_clients(par, one, rows, broadcast_clients(avg, n))
+
+
+def _masked_mean_std(d: jax.Array, mask: Optional[jax.Array]):
+  m = jnp.ones_like(d) if mask is None else mask.astype(d.dtype)
+  n = jnp.sum(m)
+  mean = jnp.sum(m * d) / n
+  return mean, jnp.sqrt(jnp.sum(m * jnp.square(d - mean)) / n)
+
+
+def fedema_mix(local: PyTree, global_: PyTree, mu: jax.Array) -> PyTree:
+  """Per row j: mu_j * local_j + (1 - mu_j) * global on every floating leaf (FedEMA's update);
+  integer leaves take the global's."""
+  def f(x, g):
+    if not _is_float(x):
+      return jnp.broadcast_to(g, x.shape)
+    w = mu.astype(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
+    return w * x + (1 - w) * g
+  return jax.tree.map(f, local, global_)
+
+
+def aggregate_if(sync, clients, cfg, mask: Optional[jax.Array] = None,
+                 par: Optional[ClientParallel] = None, *, pool: jax.Array,
+                 client0: Optional[tuple] = None, div_lambda: Optional[jax.Array] = None,
+                 keep_params: bool = False):
+  """`fedavg_if` with the step's switches (cfg: StepConfig), and the reference's measure.
+
+  At a sync step: the global model is the pool's mean (cfg.fedavg_set='pool') or the
+  reference's client 0 + pool[1:] (needs `client0` = (online vars, momentum vars) of client 0
+  before this step's sync); every pool row's divergence ||local - global|| (`l2_divergences`)
+  is logged as its pool mean and std (div_l2_mean, div_l2_std) beside the `fedavg_if` metrics.
+  Then with cfg.divergence_aware:
+    'off': every row gets the global model (`fedavg_if`).
+    'fedema': row j keeps mu_j * local + (1 - mu_j) * global, mu_j = min(1, lambda_j * div_j)
+      (Zhuang et al., ICLR 2022); lambda_j (`div_lambda` [N], 0 = unset) is set to
+      cfg.div_mu / div_j at client j's first sync, for every client. Logs div_mu_mean.
+    'reference': the reference's no-op: the rows keep their local models.
+  Clients outside the pool get the global model (parallel.py), which is returned for that.
+  keep_params (static): the rows keep their online 'params' (frozen clients, c_lr = 0, or the
+  loss-threshold saving's status B: they did not train, and all hold the last sync's model).
+
+  Returns:
+    (clients, metrics, global online vars or None (divergence_aware 'off'), div_lambda).
+  """
+  rows = jax.tree.leaves(clients.online)[0].shape[0]
+  pool = jnp.asarray(pool, jnp.int32)
+  aware = cfg.divergence_aware
+  dtype = precision.float_dtype()
+  keys = DIVERGENCE_KEYS + L2_KEYS + ((MU_KEY,) if aware == 'fedema' else ())
+  if cfg.fedavg_set == 'reference' and client0 is None:
+    raise ValueError("fedavg_set='reference' needs client0 (client 0's online and momentum "
+                     'variables): parallel.train_step passes them.')
+
+  def do_sync(operand):
+    cl, lam = operand
+    weights = extra = None
+    if cfg.fedavg_set == 'reference':
+      weights, w0 = reference_weights(pool, rows, mask)
+      extra = (client0[0], client0[1], w0)
+    avg_on, avg_mom, m = fedavg_masked(par, cl.online, cl.momentum, mask, cfg.momentum_sync,
+                                       weights, extra)
+    m = {k: v.astype(dtype) for k, v in m.items()}
+    d = l2_divergences(par, cl.online.get('params', cl.online), avg_on.get('params', avg_on),
+                       rows)
+    m['div_l2_mean'], m['div_l2_std'] = _masked_mean_std(d, mask)
+    online = broadcast_clients(avg_on, rows)
+    if (cfg.frozen_clients or keep_params) and 'params' in online:
+      online = dict(online, params=cl.online['params'])
+    if aware == 'fedema':
+      ids = jnp.concatenate([pool, jnp.zeros((rows - pool.shape[0],), jnp.int32)])
+      lam_rows = lam[ids]
+      lam_rows = jnp.where((lam_rows <= 0) & (d > 0), cfg.div_mu / jnp.where(d > 0, d, 1.0),
+                           lam_rows)
+      mu = jnp.minimum(1.0, lam_rows * d)
+      online = fedema_mix(cl.online, avg_on, mu)
+      lam = lam.at[pool].set(lam_rows[:pool.shape[0]])
+      m[MU_KEY] = _masked_mean_std(mu, mask)[0]
+    elif aware == 'reference':
+      online = cl.online
+    cl = cl.replace(online=online)
+    if cfg.momentum_sync:
+      cl = cl.replace(momentum=broadcast_clients(avg_mom, rows))
+    return (cl, lam), m, (avg_on if aware != 'off' else None)
+
+  def no_sync(operand):
+    cl, _ = operand
+    zero = {k: jnp.zeros((), dtype) for k in keys}
+    first = jax.tree.map(lambda x: x[0], cl.online) if aware != 'off' else None
+    return operand, zero, first
+
+  (clients, div_lambda), metrics, avg = lax.cond(jnp.asarray(sync, bool), do_sync, no_sync,
+                                                 (clients, div_lambda))
+  return clients, metrics, avg, div_lambda
