@@ -14,7 +14,7 @@ import pytest
 
 from core_testlib import CONFIG_DIR, StandInNet, load_config, optimisations_off
 from mocosfl_jax import costs, experiment
-from mocosfl_jax.algorithm import flmoco
+from mocosfl_jax.algorithm import flmoco, state as state_lib, step
 from mocosfl_jax.algorithm.plan import StepConfig
 from mocosfl_jax.evaluation import probes, protocols
 from mocosfl_jax.run import train
@@ -244,3 +244,30 @@ def test_split_only_sync_switches_are_refused():
   for overrides in (dict(divergence_aware='fedema'), dict(fedavg_set='reference', sample_ratio=0.5)):
     with pytest.raises(ValueError, match="FL-MoCo's FedAvg is the pool's mean"):
       experiment.resolve(_config(**overrides))
+
+
+def test_one_client_equals_the_two_view_split_step_at_twice_the_lr():
+  """With one client, FL-MoCo's symmetric sum over the whole network is MonAcoSFL's two-view
+  loss (one mean over [q; k]) doubled: without weight decay, FL-MoCo at lr equals the split
+  step at 2 lr, and the queues hold the same keys (in another order, which the loss ignores,
+  with K a multiple of the 2B keys per step)."""
+  common = dict(num_clients=1, batch_size=2, queue_size=8, weight_decay=0.0, steps_per_epoch=4,
+                avg_freq=2, num_epochs=3)
+  with jax.enable_x64(), optimisations_off():
+    net = StandInNet()
+    c_fl = StepConfig(lr=0.03, method='flmoco', **common)
+    c_split = StepConfig(lr=0.06, loss_form='two_view', client_schedule='per_epoch', **common)
+    fl = flmoco.create_state(net, c_fl, jax.random.key(0))
+    split = state_lib.create_train_state(net, c_split, jax.random.key(0))
+    split = split.replace(server=split.server.replace(queue=fl.server.queue[0]))
+    pool = jnp.array([0], jnp.int32)
+    for i, (epoch, b) in enumerate([(0, 0), (0, 1), (0, 2), (1, 0)]):
+      kq, kk = jax.random.split(jax.random.key(i))
+      vq, vk = jax.random.normal(kq, (1, 2, 8, 8, 3)), jax.random.normal(kk, (1, 2, 8, 8, 3))
+      fl, m_fl = flmoco.train_step(net, c_fl, fl, vq, vk, jnp.int32(epoch), jnp.int32(b), pool)
+      split, m = step.train_step(net, c_split, split, vq, vk, jnp.int32(epoch), jnp.int32(b),
+                                 pool=pool)
+      np.testing.assert_allclose(float(m_fl['loss']), 2 * float(m['loss']), rtol=1e-14)
+    chex.assert_trees_all_close(fl.clients.online, split.clients.online, rtol=1e-13)
+    chex.assert_trees_all_close(jax.tree.map(lambda x: x[0], fl.server.online),
+                                split.server.online, rtol=1e-13)
