@@ -281,6 +281,8 @@ def _check_hetero(c: ml_collections.ConfigDict) -> None:
         f"per-client queues {why} (nor hetero-aware in the reference); use True")
   _need(not c.ressfl, "ressfl", c.ressfl, f"the simulated attacker {why}")
   _need(not c.aux_dataset, "aux_dataset", c.aux_dataset, f"an auxiliary set {why}")
+  _need(c.divergence_aware == "off", "divergence_aware", c.divergence_aware,
+        f"divergence-aware aggregation {why} (its FedAvg is the plain mean); use 'off'")
   _need(c.client_parallel == "vmap" and c.client_chunk == 0, "client_parallel",
         (c.client_parallel, c.client_chunk), f"only vmap without chunks {why}")
   method = partition_lib.resolve_method(c.partition, c.noniid_ratio)

@@ -296,3 +296,10 @@ def test_cli_run_with_tiny_overrides(tmp_path, capsys):
   assert len(losses_) == 1 and np.isfinite(losses_[0])
   sizes = json.loads((workdir / 'partition.json').read_text())['sizes']
   assert sizes[0] == sizes[1] > sizes[2]
+
+
+def test_divergence_aware_aggregation_is_refused_with_hetero():
+  c = load_config('tiny').get_config()
+  c.hetero, c.divergence_aware = '0.5_0.5|2|0.6_0.4', 'fedema'
+  with pytest.raises(ValueError, match="divergence_aware='fedema': divergence-aware aggregation"):
+    experiment.resolve(c)
