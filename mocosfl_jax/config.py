@@ -40,7 +40,8 @@ def get_config():
   c.flavour = "mocosfl"           # mocosfl | monacosfl: whose auto_adjust (needs auto_adjust)
   c.adjust_batch_for_large_clients = True  # monacosfl auto_adjust: False is its
                                            # --dont_adjust_batch_size_for_large_clients
-  c.avg_freq = 10
+  c.avg_freq = 10                 # syncs per epoch (flmoco: per round; left at 10 it becomes 1,
+                                  # the reference's FL-MoCo default)
   c.hetero = ""                   # '' off | 'reference' | 'a_b|c|d_e': clients < int(a*N) are
                                   # rich (int(c)*B images per step, share d of the data); the
                                   # reference's --hetero (algorithm/hetero.py)

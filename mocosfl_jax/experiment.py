@@ -223,6 +223,14 @@ def check_flmoco(c: ml_collections.ConfigDict) -> None:
   _need("attack" not in c.final_protocols.split(","), "final_protocols", c.final_protocols,
         f"{why} no smashed data leaves a client, so there is nothing for the model-inversion "
         "attack to invert; drop 'attack'")
+  _need(not c.auto_adjust, "auto_adjust", c.auto_adjust,
+        f"{why} MocoSFL's auto_adjust rules do not apply (the reference's FL-MoCo has none); "
+        "set batch_size and avg_freq explicitly and drop auto_adjust")
+  _need(c.client_queues == "clean", "client_queues", c.client_queues,
+        f"{why} every client already has its own queue of queue_size keys; the per-client "
+        "queue switch does not apply: drop client_queues")
+  _need(not c.distributed, "distributed", c.distributed,
+        f"{why} the clients run on one device in one process; use distributed=False")
 
 
 def check_nothing_ignored(c: ml_collections.ConfigDict) -> None:
@@ -250,6 +258,9 @@ def check_nothing_ignored(c: ml_collections.ConfigDict) -> None:
   for field in ("ressfl_alpha", "ressfl_target_ssim", "attacker_decoder"):
     _need(c.ressfl or c[field] == defaults[field], field, c[field],
           "only TAResSFL's simulated attacker uses it; set ressfl=True or drop it")
+  _need(c.method != "flmoco" or c.c_lr < 0 or c.lr == defaults.lr, "lr", c.lr,
+        f"FL-MoCo clients train at c_lr={c.c_lr!r} and there is no server; drop lr, or set lr "
+        "alone (c_lr defaults to it)")
   _need(c.local_epochs == defaults.local_epochs or c.method == "flmoco", "local_epochs",
         c.local_epochs, "only the FL-MoCo baseline has local epochs; set method='flmoco' or "
         "drop local_epochs")
@@ -274,7 +285,9 @@ def _check_hetero(c: ml_collections.ConfigDict) -> None:
   """What heterogeneous clients do not run with (algorithm/hetero_step.py)."""
   why = f"is not implemented with hetero={c.hetero!r}"
   _need(c.method == "mocosfl", "method", c.method,
-        f"the FL-MoCo baseline {why}; use method='mocosfl'")
+        f"the FL-MoCo baseline {why}; use method='mocosfl' or hetero=''")
+  _need(not c.distributed, "distributed", c.distributed,
+        f"several processes {why}; use distributed=False")
   _need(c.sample_ratio == 1.0, "sample_ratio", c.sample_ratio,
         f"client sampling {why} (the pool's rich clients would change every epoch); use 1.0")
   _need(c.feature_sharing, "feature_sharing", c.feature_sharing,
@@ -316,6 +329,8 @@ def resolve(config: ml_collections.ConfigDict, *, strict: bool = True) -> Experi
   _as_config_error(plan.check_sample_ratio, c.sample_ratio)
   num_epochs, batch_size, avg_freq = c.num_epochs, c.batch_size, c.avg_freq
   sample_ratio, queue_size = c.sample_ratio, c.queue_size
+  if c.method == "flmoco" and avg_freq == config_lib.get_config().avg_freq:
+    avg_freq = 1                  # unset: the reference's FL-MoCo default, one FedAvg per round
   if c.auto_adjust:
     adj = _as_config_error(
         plan.auto_adjust, c.num_clients, c.flavour, batch_size=c.batch_size,

@@ -147,10 +147,6 @@ def make_stepper_factory(args, workdir: Path):
     bad = [c for c in remote if not 0 <= c < cfg.num_clients]
     if bad:
       raise ValueError(f"--remote: client(s) {bad} do not exist (num_clients={cfg.num_clients})")
-    if cfg.method != "mocosfl":
-      raise ValueError(f"serve runs split learning (method='mocosfl'); method={cfg.method!r} "
-                       "(FL-MoCo: every client trains the whole network) has no server step "
-                       "to serve; it runs with python -m mocosfl_jax.main")
     if exp.aux is not None or cfg.ressfl is not None:
       raise ValueError("serve runs MocoSFL / MonAcoSFL steps; an auxiliary dataset or the "
                        "TAResSFL attacker (expert pretraining) runs with python -m "

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from core_testlib import CONFIG_DIR, StandInNet, load_config, optimisations_off
-from mocosfl_jax import costs, experiment
+from mocosfl_jax import config, costs, experiment
 from mocosfl_jax.algorithm import flmoco, state as state_lib, step
 from mocosfl_jax.algorithm.plan import StepConfig
 from mocosfl_jax.evaluation import probes, protocols
@@ -183,6 +183,10 @@ def test_run_from_config_resumes_exactly(tmp_path):
     (dict(client_schedule='per_epoch'), 'once per round'),
     (dict(method='fl'), "valid: mocosfl, flmoco"),
     (dict(local_epochs=0), 'local_epochs=0'),
+    (dict(auto_adjust=True), 'drop auto_adjust'),
+    (dict(client_queues='reference'), 'drop client_queues'),
+    (dict(distributed=True), 'use distributed=False'),
+    (dict(lr=0.5, c_lr=0.05), 'FL-MoCo clients train at c_lr=0.05'),
 ])
 def test_config_refusals_name_the_fix(overrides, message):
   with pytest.raises(ValueError, match=None) as e:
@@ -195,6 +199,12 @@ def test_local_epochs_without_flmoco_is_refused():
   c.method = 'mocosfl'
   with pytest.raises(ValueError, match="set method='flmoco'"):
     experiment.resolve(c)
+
+
+def test_avg_freq_left_at_its_default_is_one_fedavg_per_round():
+  c = load_config('tiny').get_config()
+  c.method, c.avg_freq = 'flmoco', config.get_config().avg_freq
+  assert experiment.resolve(c).step.avg_freq == 1
 
 
 def test_round_is_local_epochs_passes_over_client_0():
@@ -236,7 +246,7 @@ def test_serve_and_attack_refuse_an_flmoco_run(tmp_path, capsys):
   rc = serve.main(['--config', str(CONFIG_DIR / 'tiny.py'), '--config.method=flmoco',
                    '--workdir', str(tmp_path / 'served'), '--remote', '1',
                    '--listen', '127.0.0.1:0'])
-  assert rc == 2 and 'has no server step to serve' in capsys.readouterr().err
+  assert rc == 2 and 'has no server step and runs with' in capsys.readouterr().err
   assert not (tmp_path / 'served').exists()
 
 

@@ -12,8 +12,9 @@ a server BatchNorm sees exactly the real rows: no padding row exists anywhere. O
 `value_and_grad` through both groups' forwards and the server loss gives every client the
 gradient of its own rows, as the reference's split of dL/dA_q by consecutive widths. The rest
 (client EMA before the key forward, server EMA, SGD on both sides, per-participation
-schedules, FedAvg of all N clients as a plain mean) is that of step.train_step, through the
-same per-party functions (parties.py).
+schedules) is that of step.train_step, through the same per-party functions (parties.py);
+FedAvg is the plain mean of all N clients (`sync.fedavg_if`: divergence-aware aggregation and
+the reference's FedAvg set are refused with hetero, and its metrics have no div_l2_*).
 
 Full participation only (StepConfig.validate): with client sampling the number of rich clients
 in the pool changes from epoch to epoch, which static groups cannot follow (docs/reference.md,
@@ -74,7 +75,7 @@ def train_step_fn(net, cfg: StepConfig, state: TrainState, views_q: Sequence[jax
     epoch, batch_idx, sync: as step.train_step.
 
   Returns:
-    (state, metrics) as step.train_step (without the ressfl metrics).
+    (state, metrics) as step.train_step, without the ressfl and the div_l2_* metrics.
   """
   check_views(cfg, views_q, views_k)
   r, n = cfg.rich_clients, cfg.num_clients

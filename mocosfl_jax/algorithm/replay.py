@@ -123,7 +123,7 @@ def replay_step_fn(net, cfg: StepConfig, state: TrainState, smashed_q: jax.Array
   client_lrs = schedules.client_lr(cfg, clients.count[pool], epoch) * clients.lr_scale[pool]
   zero = jnp.zeros((), precision.float_dtype())
   metrics = dict(m, client_lr=jnp.mean(client_lrs), synced=zero,
-                 **{k: zero for k in sync_lib.DIVERGENCE_KEYS})
+                 **{k: zero for k in sync_lib.DIVERGENCE_KEYS + sync_lib.L2_KEYS})
   return state.replace(server=server), metrics
 
 

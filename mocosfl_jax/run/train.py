@@ -251,6 +251,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   exp = experiment_lib.resolve(config)
   config = exp.config
   net, cfg = build(exp.model), exp.step
+  if make_stepper is not None and cfg.method != "mocosfl":
+    raise ValueError(f"config.method={cfg.method!r}: remote clients run the split step "
+                     "(method='mocosfl'); FL-MoCo, where every client trains the whole "
+                     "network, has no server step and runs with python -m mocosfl_jax.main")
   if make_stepper is not None and cfg.rich_clients:
     raise ValueError(f"config.hetero={config.hetero!r}: heterogeneous clients run in the "
                      "simulated step only; remote clients are not implemented with them")
