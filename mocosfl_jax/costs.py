@@ -29,12 +29,13 @@ import jax.numpy as jnp
 from absl import flags
 
 from mocosfl_jax import cli
+from mocosfl_jax.algorithm import traffic
 from mocosfl_jax.algorithm.plan import LOSS_FORMS
 from mocosfl_jax.models import SplitConfig, build, num_layers, validate
 from mocosfl_jax.models.layers import count_params
 
 MIB = 2**20
-FLOAT_BYTES = 4
+FLOAT_BYTES = traffic.FLOAT_BYTES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,8 +115,7 @@ def client_compute(net, frozen: bool) -> dict:
 
 def communication(smashed_floats: int, client_params: int, t: Traffic) -> dict:
   rows = 2 * t.batch_size if t.loss_form == "two_view" else t.batch_size
-  up = 2 * rows * smashed_floats * FLOAT_BYTES            # query + key activations
-  down = 0 if t.frozen_client else rows * smashed_floats * FLOAT_BYTES
+  up, down = traffic.step_bytes(rows, smashed_floats, t.frozen_client)
   steps_per_epoch = t.samples_per_client // t.batch_size
   models = 2 if t.momentum_sync else 1
   sync = 0 if t.frozen_client else 2 * models * client_params * FLOAT_BYTES

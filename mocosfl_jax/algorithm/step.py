@@ -204,8 +204,8 @@ def split_train_step(net, cfg: StepConfig, state: TrainState, views_q: jax.Array
   clients = clients.replace(online=online, momentum=momentum, opt_state=opt_state,
                             count=clients.count + 1, draws=clients.draws + 1)
   synced = sync_now(cfg, batch_idx, sync)
-  clients, divergences = sync_lib.fedavg_if(synced, clients, cfg.momentum_sync,
-                                            keep_params=cfg.frozen_clients)
+  # The pool's mean (the switches are refused above), with the same metrics as train_step.
+  clients, divergences, _, _ = sync_lib.aggregate_if(synced, clients, cfg, pool=pool)
   metrics = dict(m, client_lr=jnp.mean(client_lrs), client_lrs=client_lrs,
                  synced=synced.astype(precision.float_dtype()), **divergences)
   return state.replace(clients=clients, server=server), metrics

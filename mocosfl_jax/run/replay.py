@@ -27,10 +27,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mocosfl_jax import costs
 from mocosfl_jax import precision
 from mocosfl_jax.algorithm import plan
 from mocosfl_jax.algorithm import replay as replay_lib
+from mocosfl_jax.algorithm import traffic
 
 REPLAY_STREAM = 0x4e91a7   # folded into the run's seed: the C epochs' order, its own stream
 
@@ -52,12 +52,9 @@ class ReplayRun:
     self.dtype = np.dtype(precision.float_dtype())
     self.stack_bytes = 2 * cfg.steps_per_epoch * math.prod(self.step_shape) * self.dtype.itemsize
     self.on_device = self.stack_bytes <= c.replay_device_bytes
-    traffic = costs.Traffic(batch_size=cfg.batch_size, samples_per_client=cfg.batch_size,
-                            epochs=1, sync_every=1, loss_form=cfg.loss_form,
-                            frozen_client=cfg.frozen_clients)
-    per_client = costs.communication(math.prod(net.smashed_shape), 0, traffic)
-    self.upload_per_step = cfg.pool_size * per_client["upload_bytes_per_step"]
-    self.download_per_step = cfg.pool_size * per_client["download_bytes_per_step"]
+    up, down = traffic.step_bytes(cfg.rows_per_client, math.prod(net.smashed_shape),
+                                  cfg.frozen_clients)
+    self.upload_per_step, self.download_per_step = cfg.pool_size * up, cfg.pool_size * down
 
     self.machine = replay_lib.StatusMachine()
     self.epoch_losses: list = []     # this epoch's step losses (device scalars, or floats)
