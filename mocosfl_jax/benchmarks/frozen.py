@@ -19,8 +19,6 @@ Writes bench/results/frozen_step.json under the current directory (or --out).
 import dataclasses
 import json
 import pathlib
-import statistics
-import time
 
 from absl import flags
 
@@ -50,6 +48,7 @@ def compare(name: str, reps: int) -> dict:
   import jax.numpy as jnp
   from mocosfl_jax import parallel
   from mocosfl_jax.algorithm import state as state_lib
+  from mocosfl_jax.benchmarks.interleaved import time_variants
   from mocosfl_jax.benchmarks.step import machine
   from mocosfl_jax.models import build
   model, cfg, size = _setting(name)
@@ -59,34 +58,16 @@ def compare(name: str, reps: int) -> dict:
   kq, kk = jax.random.split(jax.random.key(1))
   shape = (cfg.pool_size, cfg.batch_size, size, size, 3)
   vq, vk = jax.random.normal(kq, shape), jax.random.normal(kk, shape)
-  states, out = {}, {}
+  states = {v: state_lib.create_train_state(net, c, jax.random.key(0))
+            for v, c in variants.items()}
+
+  def call(v, st, sync):
+    return parallel.train_step, (net, variants[v], st, None, vq, vk, jnp.int32(0),
+                                 jnp.int32(int(sync)), jnp.bool_(sync))
+
+  out = time_variants(states, call, reps)
   for v, c in variants.items():
-    states[v] = state_lib.create_train_state(net, c, jax.random.key(0))
-    t0 = time.perf_counter()
-    compiled = parallel.train_step.lower(net, c, states[v], None, vq, vk, jnp.int32(0),
-                                         jnp.int32(0), jnp.bool_(False)).compile()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    out[v] = dict(c_lr=c.c_lr, compile_s=time.perf_counter() - t0,
-                  gflop=float((cost or {}).get("flops", 0.0)) / 1e9)
-  wall = {(v, s): [] for v in variants for s in (False, True)}
-  cpu = {(v, s): [] for v in variants for s in (False, True)}
-  for r in range(reps + 1):                       # r = 0: untimed (the jit wrapper's first call)
-    order = list(variants) if r % 2 == 0 else list(variants)[::-1]
-    for sync in (False, True):
-      for v in order:
-        t0, c0 = time.perf_counter(), time.process_time()
-        states[v], m = parallel.train_step(net, variants[v], states[v], None, vq, vk,
-                                           jnp.int32(0), jnp.int32(int(sync)), jnp.bool_(sync))
-        jax.block_until_ready((states[v], m))
-        if r:
-          wall[(v, sync)].append(time.perf_counter() - t0)
-          cpu[(v, sync)].append(time.process_time() - c0)
-  for v in variants:
-    for sync, key in ((False, "nosync"), (True, "sync")):
-      out[v][f"median_{key}_s"] = statistics.median(wall[(v, sync)])
-      out[v][f"median_{key}_cpu_s"] = statistics.median(cpu[(v, sync)])
-      out[v][f"{key}_s"] = wall[(v, sync)]
+    out[v] = dict(c_lr=c.c_lr, **out[v])
   saving = {f"{k}": 1.0 - out["frozen"][k] / out["training"][k]
             for k in ("median_nosync_s", "median_sync_s", "median_nosync_cpu_s",
                       "median_sync_cpu_s", "gflop")}

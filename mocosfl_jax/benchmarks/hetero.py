@@ -27,8 +27,6 @@ Writes bench/results/hetero_step.json under the current directory (or --out).
 """
 import json
 import pathlib
-import statistics
-import time
 
 from absl import flags
 
@@ -72,6 +70,7 @@ def compare(name: str, reps: int) -> dict:
   import jax.numpy as jnp
   from mocosfl_jax import parallel
   from mocosfl_jax.algorithm import hetero_step, state as state_lib
+  from mocosfl_jax.benchmarks.interleaved import time_variants
   from mocosfl_jax.benchmarks.step import machine
   from mocosfl_jax.models import build
   model, queue_size, size = _setting(name)
@@ -97,37 +96,13 @@ def compare(name: str, reps: int) -> dict:
       return hetero_step.train_step, (net, c, st, vq, vk) + args
     return parallel.train_step, (net, c, st, None, vq, vk) + args
 
-  states, out = {}, {}
+  states = {v: state_lib.create_train_state(net, c, jax.random.key(0))
+            for v, c in variants.items()}
+  out = time_variants(states, lambda v, st, sync: step(variants[v], st, sync), reps)
   for v, c in variants.items():
-    states[v] = state_lib.create_train_state(net, c, jax.random.key(0))
-    fn, args = step(c, states[v], False)
-    t0 = time.perf_counter()
-    compiled = fn.lower(*args).compile()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     out[v] = dict(images_per_step=c.images_per_step, clients=c.num_clients,
                   batch=c.batch_size, rich_clients=c.rich_clients,
-                  rich_batch=c.rich_batch_size, compile_s=time.perf_counter() - t0,
-                  gflop=float((cost or {}).get("flops", 0.0)) / 1e9)
-  wall = {(v, s): [] for v in variants for s in (False, True)}
-  cpu = {(v, s): [] for v in variants for s in (False, True)}
-  names = list(variants)
-  for r in range(reps + 1):                       # r = 0: untimed (the jit wrapper's first call)
-    order = names[r % len(names):] + names[:r % len(names)]
-    for sync in (False, True):
-      for v in order:
-        fn, args = step(variants[v], states[v], sync)
-        t0, c0 = time.perf_counter(), time.process_time()
-        states[v], m = fn(*args)
-        jax.block_until_ready((states[v], m))
-        if r:
-          wall[(v, sync)].append(time.perf_counter() - t0)
-          cpu[(v, sync)].append(time.process_time() - c0)
-  for v in variants:
-    for sync, key in ((False, "nosync"), (True, "sync")):
-      out[v][f"median_{key}_s"] = statistics.median(wall[(v, sync)])
-      out[v][f"median_{key}_cpu_s"] = statistics.median(cpu[(v, sync)])
-      out[v][f"{key}_s"] = wall[(v, sync)]
+                  rich_batch=c.rich_batch_size, **out[v])
   ratio = {f"{v}_over_homogeneous": {k: out[v][k] / out["homogeneous"][k]
                                      for k in ("median_nosync_s", "median_sync_s", "gflop")}
            for v in ("hetero", "padded")}
