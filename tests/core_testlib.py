@@ -10,6 +10,7 @@ no client-side BatchNorm). `load_config(name)` loads configs/<name>.py by path, 
 import contextlib
 import dataclasses
 import importlib.util
+import math
 from pathlib import Path
 
 import chex
@@ -209,6 +210,30 @@ def assert_states_close(got, ref):
   chex.assert_trees_all_close(strip(got), strip(ref), rtol=1e-5, atol=1e-5)
   chex.assert_trees_all_close(tuple(x.opt_state for x in got), tuple(x.opt_state for x in ref),
                               rtol=1e-5, atol=3e-4)
+
+
+def client_lr_by_hand(cfg, count, epoch):
+  """A client's learning rate written out independently of schedules.py (the reference's
+  chained cosine, or MultiStep with gamma 0.2), at `count` participations or `epoch`."""
+  t = count if cfg.client_schedule == 'per_participation' else epoch
+  if cfg.lr_schedule == 'cosine':
+    return cfg.c_lr * (1 + math.cos(math.pi * t / cfg.num_epochs)) / 2
+  marks = (int(0.6 * cfg.num_epochs), int(0.8 * cfg.num_epochs))
+  return cfg.c_lr * 0.2 ** sum(t >= m for m in marks)
+
+
+def stop_at(monkeypatch, obj, name, after, error):
+  """Makes `obj.name` raise `error` on its call number `after + 1` (a run killed there); the
+  first `after` calls go through. monkeypatch.setattr(obj, name, original) undoes it."""
+  real, calls = getattr(obj, name), []
+
+  def stopping(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == after + 1:
+      raise error
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(obj, name, stopping)
 
 
 def copy_tree(tree):

@@ -30,7 +30,7 @@ from mocosfl_jax.data import prepare
 from mocosfl_jax.deploy import quantize, run_client, to_onnx
 from mocosfl_jax.run import train
 
-from core_testlib import CONFIG_DIR, PACKAGE_PARENT, load_config
+from core_testlib import CONFIG_DIR, PACKAGE_PARENT, load_config, stop_at
 
 COMMANDS = {"main": main, "evaluate": evaluate, "to_onnx": to_onnx, "costs": costs,
             "run_client": run_client, "quantize": quantize, "prepare": prepare, "attack": attack}
@@ -474,19 +474,6 @@ def _train(workdir, capsys):
                                 str(workdir)], capsys)
 
 
-def _stop_at(monkeypatch, obj, name, after, error):
-  """Makes `obj.name` raise `error` on its call number `after + 1`."""
-  real, calls = getattr(obj, name), []
-
-  def stopping(*args, **kwargs):
-    calls.append(1)
-    if len(calls) == after + 1:
-      raise error
-    return real(*args, **kwargs)
-
-  monkeypatch.setattr(obj, name, stopping)
-
-
 def _one_line(err, *needles):
   """One `error:` line, last on stderr (after the run's progress lines), naming `needles`."""
   lines = [line for line in err.splitlines() if line.strip()]
@@ -512,7 +499,7 @@ def _stops_then_resumes(places, workdir, monkeypatch, capsys, status, *needles,
 
 def test_ctrl_c_is_one_line_naming_the_last_checkpoint_and_the_rerun_resumes(
     places, tmp_path, monkeypatch, capsys):
-  _stop_at(monkeypatch, train, "simulated_step", 4, KeyboardInterrupt())
+  stop_at(monkeypatch, train, "simulated_step", 4, KeyboardInterrupt())
   _stops_then_resumes(places, tmp_path, monkeypatch, capsys, 130, "interrupted",
                       "latest complete checkpoint is step 3")
 
@@ -521,7 +508,7 @@ def test_a_full_disk_is_one_line_naming_the_file_and_the_rerun_resumes(
     places, tmp_path, monkeypatch, capsys):
   # The record of step 4 fails (the checkpoint of step 3 is written by then).
   full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "metrics.jsonl"))
-  _stop_at(monkeypatch, train.metrics.MetricsWriter, "write", 3, full)
+  stop_at(monkeypatch, train.metrics.MetricsWriter, "write", 3, full)
   _stops_then_resumes(places, tmp_path, monkeypatch, capsys, 1,
                       "metrics.jsonl: No space left on device",
                       "latest complete checkpoint is step 3")

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from core_testlib import fast_compile  # noqa: F401  pylint: disable=unused-import
-from core_testlib import CONFIG_DIR, StandInNet, assert_states_close, copy_tree, load_config
+from core_testlib import (CONFIG_DIR, StandInNet, assert_states_close, client_lr_by_hand,
+                          copy_tree, load_config)
 from mocosfl_jax import experiment, main
 from mocosfl_jax.algorithm import hetero, hetero_step, losses, parties, plan, state
 from mocosfl_jax.algorithm.plan import StepConfig
@@ -120,12 +121,6 @@ def test_group_tables_draw_each_clients_own_stream():
 
 # ---- the step ----------------------------------------------------------------------------------
 
-def _lr(cfg, count, epoch):
-  """Client LR written out independently of schedules.py (cosine)."""
-  t = count if cfg.client_schedule == 'per_participation' else epoch
-  return cfg.c_lr * (1 + math.cos(math.pi * t / cfg.num_epochs)) / 2
-
-
 def _views(cfg, seed):
   r, n, h = cfg.rich_clients, cfg.num_clients, 8
   ks = jax.random.split(jax.random.key(1000 + seed), 4)
@@ -178,7 +173,7 @@ def loop_step(net, cfg, st, vq, vk, epoch, b):
   for c in range(n):                                   # sequential client backward + SGD
     g = g_a[start[c]:start[c + 1]]                     # consecutive widths, pool order
     per[c][0], per[c][2] = _bwd(net, cfg, tx, per[c][0], per[c][2], xq[c], xk[c], g,
-                                jnp.float32(_lr(cfg, count[c], epoch)))
+                                jnp.float32(client_lr_by_hand(cfg, count[c], epoch)))
     count[c] += 1
   if plan.is_sync_step(b, cfg.steps_per_epoch, cfg.avg_freq):
     mean = lambda k: jax.tree.map(lambda *xs: np.mean(np.stack(xs), axis=0), *[p[k] for p in per])

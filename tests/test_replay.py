@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from core_testlib import fast_compile  # noqa: F401  pylint: disable=unused-import
-from core_testlib import assert_states_close, case, copy_tree, load_config, pool_for, views
+from core_testlib import (assert_states_close, case, copy_tree, load_config, pool_for, stop_at,
+                          views)
 from mocosfl_jax import experiment, parallel
 from mocosfl_jax.algorithm import parties, plan, replay, state
 from mocosfl_jax.models import build
@@ -228,15 +229,8 @@ def test_run_goes_through_a_b_c_and_resumes_mid_c_exactly(tmp_path, monkeypatch)
   # Kill after step 18 (inside the second C epoch); the files hold the stacks (file storage).
   killed = tmp_path / 'killed'
   config = _config(replay_device_bytes=0)
-  real, calls = replay.replay_step, {'n': 0}
-
-  def killed_in_c(*args):
-    if calls['n'] == 6:
-      raise KeyboardInterrupt('simulated kill in epoch 5 (C)')
-    calls['n'] += 1
-    return real(*args)
-
-  monkeypatch.setattr(replay, 'replay_step', killed_in_c)
+  real = replay.replay_step
+  stop_at(monkeypatch, replay, 'replay_step', 6, KeyboardInterrupt('simulated kill in epoch 5 (C)'))
   with pytest.raises(KeyboardInterrupt):
     train.train_and_evaluate(config, str(killed))
   monkeypatch.setattr(replay, 'replay_step', real)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from core_testlib import StandInNet, copy_tree, load_config, optimisations_off
+from core_testlib import StandInNet, copy_tree, load_config, optimisations_off, stop_at
 from mocosfl_jax import experiment, parallel
 from mocosfl_jax.algorithm import losses, parties, plan, ressfl, state as state_lib, step
 from mocosfl_jax.data import sources
@@ -227,25 +227,17 @@ def _tiny_ressfl():
   return c
 
 
-def test_run_with_the_attacker_resumes_exactly(tmp_path, fast):
+def test_run_with_the_attacker_resumes_exactly(tmp_path, fast, monkeypatch):
   config = _tiny_ressfl()
   full = tmp_path / 'full'
   train.train_and_evaluate(config, str(full))
-  real_step, calls = train.simulated_step, {'n': 0}
-
-  def killed(*args):
-    if calls['n'] == 4:
-      raise KeyboardInterrupt('simulated kill between steps 4 and 5')
-    calls['n'] += 1
-    return real_step(*args)
-
+  real_step = train.simulated_step
   resumed = tmp_path / 'resumed'
-  train.simulated_step = killed
-  try:
-    with pytest.raises(KeyboardInterrupt):
-      train.train_and_evaluate(config, str(resumed))
-  finally:
-    train.simulated_step = real_step
+  stop_at(monkeypatch, train, 'simulated_step', 4,
+          KeyboardInterrupt('simulated kill between steps 4 and 5'))
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(config, str(resumed))
+  monkeypatch.setattr(train, 'simulated_step', real_step)
   assert checkpoints.latest_step(resumed / 'checkpoints') == 3
   train.train_and_evaluate(config, str(resumed))
   exp, _, clients, server, step_done = protocols.restore_for_eval(full, 'latest')

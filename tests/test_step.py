@@ -1,7 +1,6 @@
 """Tests for the fused step (algorithm/step.py through parallel.train_step): vmapped step ==
 Python loop over clients running the per-party functions, sync semantics, masking of
 non-participants, no recompilation, determinism."""
-import math
 
 import chex
 import jax
@@ -10,7 +9,8 @@ import numpy as np
 import pytest
 
 from core_testlib import fast_compile  # noqa: F401  pylint: disable=unused-import
-from core_testlib import CASES, assert_states_close, case, copy_tree, pool_for, views
+from core_testlib import (CASES, assert_states_close, case, client_lr_by_hand, copy_tree,
+                          pool_for, views)
 from mocosfl_jax import parallel
 from mocosfl_jax.algorithm import parties, plan, state
 from mocosfl_jax.algorithm.state import ClientState
@@ -20,15 +20,6 @@ SCHEDULE = ((0, 0), (0, 1), (1, 0))      # (epoch, batch_idx); b=1 is a sync ste
 
 
 pytestmark = pytest.mark.usefixtures('fast_compile')
-
-
-def _lr(cfg, count, epoch):
-  """Client LR written out independently of schedules.py."""
-  t = count if cfg.client_schedule == 'per_participation' else epoch
-  if cfg.lr_schedule == 'cosine':
-    return cfg.c_lr * (1 + math.cos(math.pi * t / cfg.num_epochs)) / 2
-  marks = (int(0.6 * cfg.num_epochs), int(0.8 * cfg.num_epochs))
-  return cfg.c_lr * 0.2 ** sum(t >= m for m in marks)
 
 
 _fwd = jax.jit(parties.client_send, static_argnums=(0, 1))
@@ -53,7 +44,7 @@ def loop_step(net, cfg, st, pool, vq, vk, epoch, b):
   ss, grads, m = _srv(net, cfg, tx, ss, jnp.stack(aq), jnp.stack(ak), jnp.array(pool, jnp.int32),
                       jnp.int32(epoch))
   for j, c in enumerate(pool):                        # sequential client backward + SGD
-    lr = _lr(cfg, count[c], epoch) * float(cs.lr_scale[c])
+    lr = client_lr_by_hand(cfg, count[c], epoch) * float(cs.lr_scale[c])
     per[c][0], per[c][2] = _bwd(net, cfg, tx, per[c][0], per[c][2], vq[j], vk[j], grads[j],
                                 jnp.float32(lr))      # residual=None: recompute forward
     count[c] += 1

@@ -14,7 +14,7 @@ from mocosfl_jax.run import checkpoints, metrics, train, workdir_lock
 from mocosfl_jax.algorithm import state as state_lib
 from mocosfl_jax.models import build
 
-from core_testlib import load_config
+from core_testlib import load_config, stop_at
 
 tiny = load_config("tiny")
 
@@ -96,15 +96,8 @@ def test_resume_after_kill_equals_uninterrupted_run(uninterrupted, tmp_path, mon
   full_dir, _ = uninterrupted
   config = tiny.get_config()
   real_step = train.simulated_step
-  calls = {"n": 0}
-
-  def killed_after_four_steps(*args):
-    if calls["n"] == 4:
-      raise KeyboardInterrupt("simulated kill between steps 4 and 5")
-    calls["n"] += 1
-    return real_step(*args)
-
-  monkeypatch.setattr(train, "simulated_step", killed_after_four_steps)
+  stop_at(monkeypatch, train, "simulated_step", 4,
+          KeyboardInterrupt("simulated kill between steps 4 and 5"))
   with pytest.raises(KeyboardInterrupt):
     train.train_and_evaluate(config, str(tmp_path))
   monkeypatch.setattr(train, "simulated_step", real_step)
