@@ -140,16 +140,17 @@ def _reference_calculator_mib(smashed_floats, client_params, t: Traffic) -> floa
   return (activations + t.epochs * syncs_per_epoch * client_params) * FLOAT_BYTES / MIB
 
 
-def fl_compute(net, batch_size: int = 1) -> dict:
-  """XLA FLOPs of one forward of the whole network and bytes of one FL-MoCo training step."""
+def fl_compute(net) -> dict:
+  """XLA FLOPs of one forward of the whole network and bytes of one FL-MoCo training step,
+  batch 1 (as `client_compute`)."""
   c_vars = jax.eval_shape(net.init_client, jax.random.key(0))
   s_vars = jax.eval_shape(net.init_server, jax.random.key(0))
-  x = jax.ShapeDtypeStruct((batch_size, *net.input_shape), jnp.float32)
+  x = jax.ShapeDtypeStruct((1, *net.input_shape), jnp.float32)
 
   def forward(c, s, x):
     return net.apply_server(s, net.apply_client(c, x)[0])[0]
 
-  fwd_flops, _ = _compiled_stats(lambda c, s, x: forward(c, s, x[:1]), c_vars, s_vars, x)
+  fwd_flops, _ = _compiled_stats(forward, c_vars, s_vars, x)
 
   def train_step(online, momentum, buf, x_q, x_k):
     # Both views through the online network with gradient (symmetric loss), the momentum

@@ -105,8 +105,9 @@ def evaluate(workdir, checkpoint="best", protocols=("knn",), recipes=("reference
   results = {"workdir": str(Path(workdir).absolute()), "step": step, "dataset": exp.train.name}
   if "knn" in protocols:
     results.update(knn_monitor(exp, net)(clients, server))
+  fl = exp.step.method == "flmoco"
   if {"linear", "semi"} & set(protocols):
-    if exp.step.method == "flmoco":   # client 0's whole network (the average after a sync)
+    if fl:                          # client 0's whole network (the average after a sync)
       clients, server = flmoco.global_model(clients, server)
     fn = features.features_fn(net, mean, std)
     args = (features.client0(clients), server.online)
@@ -115,7 +116,6 @@ def evaluate(workdir, checkpoint="best", protocols=("knn",), recipes=("reference
     test_x = knn.extract_features(fn, exp.test.images, batch_size, args=args)
     train_y, test_y, classes = exp.train.labels[keep], exp.test.labels, exp.train.num_classes
     key = jax.random.key(seed)
-    fl = exp.step.method == "flmoco"
     for recipe in recipes:
       if "linear" in protocols:
         # An FL-MoCo run's 'reference' linear probe is the reference's FL-MoCo recipe.
