@@ -37,6 +37,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mocosfl_jax.algorithm import state as state_lib
 from mocosfl_jax.algorithm import step as step_lib
+from mocosfl_jax.algorithm import sync as sync_lib
 from mocosfl_jax.algorithm.mapping import AXIS, MODES, ClientParallel, client_mesh
 from mocosfl_jax.algorithm.plan import StepConfig
 from mocosfl_jax.algorithm.state import TrainState
@@ -105,7 +106,8 @@ def train_step_fn(net, cfg: StepConfig, state: TrainState, pool: Optional[jax.Ar
   clients = scatter_pool(par, clients, new.clients, ids)
   # Sync step: every pool row now holds the average; the other clients get it too.
   clients = lax.cond(metrics['synced'] > 0,
-                     lambda c: _give_all(c, new.clients, cfg.momentum_sync), lambda c: c, clients)
+                     lambda c: sync_lib.give_all(c, new.clients, cfg.momentum_sync),
+                     lambda c: c, clients)
   return new.replace(clients=clients), metrics
 
 
@@ -123,16 +125,6 @@ def train_step(net, cfg: StepConfig, state: TrainState, pool: Optional[jax.Array
   """
   return train_step_fn(net, cfg, state, pool, views_q, views_k, epoch, batch_idx, sync, par,
                        train_clients, keep_smashed)
-
-
-def _give_all(clients, rows, momentum_sync: bool):
-  """Every client's online (and with momentum sync, momentum) vars := pool row 0's."""
-  n = clients.count.shape[0]
-  every = lambda t: jax.tree.map(lambda x: jnp.broadcast_to(x[0][None], (n,) + x.shape[1:]), t)
-  clients = clients.replace(online=every(rows.online))
-  if momentum_sync:
-    clients = clients.replace(momentum=every(rows.momentum))
-  return clients
 
 
 def _every(clients, tree):

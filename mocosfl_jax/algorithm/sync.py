@@ -92,6 +92,17 @@ def broadcast_clients(tree: PyTree, num_clients: int) -> PyTree:
   return jax.tree.map(lambda x: jnp.broadcast_to(x[None], (num_clients,) + x.shape), tree)
 
 
+def give_all(clients, rows, momentum_sync: bool):
+  """After a sync of the pool: every client's online (and with momentum sync, momentum)
+  variables := pool row 0's, which holds the average. `clients` [N], `rows` the pool's [P]."""
+  n = clients.count.shape[0]
+  first = lambda t: broadcast_clients(jax.tree.map(lambda x: x[0], t), n)
+  clients = clients.replace(online=first(rows.online))
+  if momentum_sync:
+    clients = clients.replace(momentum=first(rows.momentum))
+  return clients
+
+
 def _is_float(x) -> bool:
   return jnp.issubdtype(x.dtype, jnp.floating)
 
