@@ -288,14 +288,15 @@ def _check_hetero(c: ml_collections.ConfigDict) -> None:
         f"the FL-MoCo baseline {why}; use method='mocosfl' or hetero=''")
   _need(not c.distributed, "distributed", c.distributed,
         f"several processes {why}; use distributed=False")
-  _need(c.sample_ratio == 1.0, "sample_ratio", c.sample_ratio,
-        f"client sampling {why} (the pool's rich clients would change every epoch); use 1.0")
   _need(c.feature_sharing, "feature_sharing", c.feature_sharing,
         f"per-client queues {why} (nor hetero-aware in the reference); use True")
   _need(not c.ressfl, "ressfl", c.ressfl, f"the simulated attacker {why}")
   _need(not c.aux_dataset, "aux_dataset", c.aux_dataset, f"an auxiliary set {why}")
   _need(c.divergence_aware == "off", "divergence_aware", c.divergence_aware,
         f"divergence-aware aggregation {why} (its FedAvg is the plain mean); use 'off'")
+  _need(c.fedavg_set == "pool", "fedavg_set", c.fedavg_set,
+        f"the reference's FedAvg set (client 0 + pool[1:]) {why} (its FedAvg is the pool's "
+        "mean); use 'pool'")
   _need(c.client_parallel == "vmap" and c.client_chunk == 0, "client_parallel",
         (c.client_parallel, c.client_chunk), f"only vmap without chunks {why}")
   method = partition_lib.resolve_method(c.partition, c.noniid_ratio)
@@ -344,10 +345,6 @@ def resolve(config: ml_collections.ConfigDict, *, strict: bool = True) -> Experi
   spec = hetero_lib.resolve(c.hetero, c.num_clients)
   rich, rich_batch, hetero_split = 0, 0, None
   if spec is not None:
-    _need(sample_ratio == 1.0, "hetero", c.hetero,
-          f"auto_adjust samples {sample_ratio} of the {c.num_clients} clients, and client "
-          "sampling is not implemented with heterogeneous clients; use num_clients < 200 or "
-          "auto_adjust=False")
     rich, rich_batch = spec.rich_clients(c.num_clients), spec.rich_batch(batch_size)
     hetero_split = (rich, spec.rich_data, spec.poor_data)
 

@@ -11,14 +11,15 @@ import pytest
 
 from core_testlib import fast_compile  # noqa: F401  pylint: disable=unused-import
 from core_testlib import (CONFIG_DIR, StandInNet, assert_states_close, client_lr_by_hand,
-                          copy_tree, load_config)
+                          copy_tree, load_config, optimisations_off)
 from mocosfl_jax import experiment, main
 from mocosfl_jax.algorithm import hetero, hetero_step, losses, parties, plan, state
 from mocosfl_jax.algorithm.plan import StepConfig
 from mocosfl_jax.algorithm.state import ClientState
 from mocosfl_jax.data import partition as partition_lib
 from mocosfl_jax.data import sampler
-from mocosfl_jax.run import metrics
+from mocosfl_jax.evaluation import protocols
+from mocosfl_jax.run import metrics, train
 
 SCHEDULE = ((0, 0), (0, 1), (1, 0))      # (epoch, batch_idx); b=1 is a sync step (S=4, avg 2)
 _COMMON = dict(num_clients=3, rich_clients=1, batch_size=2, rich_batch_size=6, num_epochs=3,
@@ -133,9 +134,8 @@ _fwd = jax.jit(parties.client_send, static_argnums=(0, 1))
 _bwd = jax.jit(parties.client_receive, static_argnums=(0, 1, 2))
 
 
-def _server(net, cfg, tx, ss, aq, ak, epoch):
+def _server(net, cfg, tx, ss, aq, ak, epoch, pool):
   """The server on the concatenated rows: loss, dL/dA_q, SGD and enqueue."""
-  pool = jnp.arange(cfg.num_clients)
   s_mom, queue = parties.server_prepare(cfg, ss, pool)
 
   def server_loss(a_q, s_params):
@@ -150,33 +150,47 @@ def _server(net, cfg, tx, ss, aq, ak, epoch):
 _server = jax.jit(_server, static_argnums=(0, 1, 2))
 
 
-def loop_step(net, cfg, st, vq, vk, epoch, b):
-  """Reference-style step: a Python loop over clients 0..N-1 with unbatched per-party
-  functions; the server concatenates rows of variable widths and splits dL/dA_q back by them."""
+def _by_position(cfg, vq, vk):
+  """Group views (rich, poor) of the whole federation -> per-client lists in id order."""
+  r = cfg.rich_clients
+  pick = lambda v, i: v[0][i] if i < r else v[1][i - r]
+  return ([pick(vq, i) for i in range(cfg.num_clients)],
+          [pick(vk, i) for i in range(cfg.num_clients)])
+
+
+def loop_step(net, cfg, st, xq, xk, epoch, b, pool=None):
+  """Reference-style step: a Python loop over the pool's clients (default 0..N-1) with
+  unbatched per-party functions, views xq[j] / xk[j] for pool position j; the server
+  concatenates rows of variable widths in pool order and splits dL/dA_q back by them; at a sync
+  every client gets the pool's mean."""
   cs, ss, tx = st.clients, st.server, st.tx
-  n, r = cfg.num_clients, cfg.rich_clients
+  n = cfg.num_clients
+  pool = list(range(n)) if pool is None else list(pool)
   per = [list(jax.tree.map(lambda x, i=i: x[i], (cs.online, cs.momentum, cs.opt_state)))
          for i in range(n)]
-  count = np.array(cs.count)
-  xq = [vq[0][i] if i < r else vq[1][i - r] for i in range(n)]
-  xk = [vk[0][i] if i < r else vk[1][i - r] for i in range(n)]
+  count, draws = np.array(cs.count), np.array(cs.draws)
   aq, ak = [], []
-  for c in range(n):                                   # sequential client forwards
-    a_q, a_k, on, mom, _ = _fwd(net, cfg, per[c][0], per[c][1], xq[c], xk[c])
+  for j, c in enumerate(pool):                         # sequential client forwards
+    a_q, a_k, on, mom, _ = _fwd(net, cfg, per[c][0], per[c][1], xq[j], xk[j])
     per[c][0], per[c][1] = on, mom
     aq.append(a_q)
     ak.append(a_k)
   widths = [a.shape[0] for a in aq]                    # rich width for ids < R, else B
+  per_image = cfg.rows_per_client // cfg.batch_size    # 2 rows per image for two_view
+  assert widths == [per_image * (cfg.rich_batch_size if c < cfg.rich_clients else cfg.batch_size)
+                    for c in pool]
   ss, g_a, loss = _server(net, cfg, tx, ss, jnp.concatenate(aq), jnp.concatenate(ak),
-                          jnp.int32(epoch))
+                          jnp.int32(epoch), jnp.array(pool, jnp.int32))
   start = np.cumsum([0] + widths)
-  for c in range(n):                                   # sequential client backward + SGD
-    g = g_a[start[c]:start[c + 1]]                     # consecutive widths, pool order
-    per[c][0], per[c][2] = _bwd(net, cfg, tx, per[c][0], per[c][2], xq[c], xk[c], g,
+  for j, c in enumerate(pool):                         # sequential client backward + SGD
+    g = g_a[start[j]:start[j + 1]]                     # consecutive widths, pool order
+    per[c][0], per[c][2] = _bwd(net, cfg, tx, per[c][0], per[c][2], xq[j], xk[j], g,
                                 jnp.float32(client_lr_by_hand(cfg, count[c], epoch)))
     count[c] += 1
+    draws[c] += 1
   if plan.is_sync_step(b, cfg.steps_per_epoch, cfg.avg_freq):
-    mean = lambda k: jax.tree.map(lambda *xs: np.mean(np.stack(xs), axis=0), *[p[k] for p in per])
+    mean = lambda k: jax.tree.map(lambda *xs: np.mean(np.stack(xs), axis=0),
+                                  *[per[c][k] for c in pool])
     avg_on, avg_mom = mean(0), mean(1)
     for i in range(n):
       per[i][0] = avg_on
@@ -184,7 +198,7 @@ def loop_step(net, cfg, st, vq, vk, epoch, b):
         per[i][1] = avg_mom
   stack = lambda k: jax.tree.map(lambda *xs: jnp.stack(xs), *[p[k] for p in per])
   cs = ClientState(online=stack(0), momentum=stack(1), opt_state=stack(2),
-                   count=jnp.array(count), draws=cs.draws + 1, lr_scale=cs.lr_scale)
+                   count=jnp.array(count), draws=jnp.array(draws), lr_scale=cs.lr_scale)
   return st.replace(clients=cs, server=ss), {'loss': loss}
 
 
@@ -197,7 +211,7 @@ def test_two_group_step_equals_per_client_loop(name):
   ref, got, init = copy_tree(st), st, copy_tree(st.clients.online['params'])
   for i, (e, b) in enumerate(SCHEDULE):
     vq, vk = _views(cfg, i)
-    ref, m_ref = loop_step(net, cfg, ref, vq, vk, e, b)
+    ref, m_ref = loop_step(net, cfg, ref, *_by_position(cfg, vq, vk), e, b)
     got, m = hetero_step.train_step(net, cfg, got, vq, vk, jnp.int32(e), jnp.int32(b))
     np.testing.assert_allclose(m['loss'], m_ref['loss'], rtol=1e-5)
   assert_states_close((got.clients, got.server), (ref.clients, ref.server))
@@ -205,6 +219,65 @@ def test_two_group_step_equals_per_client_loop(name):
   assert cfg.keys_per_step == keys and int(got.server.ptr) == 3 * keys % cfg.queue_size
   assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(got.clients.online['params']),
                                                    jax.tree.leaves(init)))
+
+
+# (epoch, batch_idx, pool) with 2 rich clients of 4, pools of 2: a mixed pool whose rich client
+# is not first (b=1 syncs), a pool of poor clients only, then of rich clients only (a sync).
+SAMPLED = ((0, 0, (2, 0)), (0, 1, (2, 0)), (1, 0, (3, 2)), (1, 1, (1, 0)))
+
+
+def _pool_views(cfg, pool, seed):
+  """Per pool position views (rich width for ids < R), and the step's group views."""
+  ks = jax.random.split(jax.random.key(2000 + seed), 2 * len(pool))
+  width = lambda c: cfg.rich_batch_size if c < cfg.rich_clients else cfg.batch_size
+  xq = [jax.random.normal(ks[2 * j], (width(c), 8, 8, 3)) for j, c in enumerate(pool)]
+  xk = [jax.random.normal(ks[2 * j + 1], (width(c), 8, 8, 3)) for j, c in enumerate(pool)]
+
+  def groups(xs):
+    rich = [x for x, c in zip(xs, pool) if c < cfg.rich_clients]
+    poor = [x for x, c in zip(xs, pool) if c >= cfg.rich_clients]
+    return tuple(jnp.stack(g) if g else None for g in (rich, poor))
+  return xq, xk, groups(xq), groups(xk)
+
+
+@pytest.mark.usefixtures('fast_compile')
+@pytest.mark.parametrize('name', sorted(CASES))
+def test_sampled_pools_equal_per_client_loop(name):
+  make_net, kw = CASES[name]
+  net = make_net()
+  cfg = StepConfig(**dict(kw, num_clients=4, rich_clients=2, sample_ratio=0.5))
+  assert cfg.pool_size == 2 and cfg.images_per_step == 12
+  st = state.create_train_state(net, cfg, jax.random.key(3))
+  ref, got = copy_tree(st), st
+  for i, (e, b, pool) in enumerate(SAMPLED):
+    xq, xk, vq, vk = _pool_views(cfg, pool, i)
+    hp = hetero_step.split_pool(np.array(pool), cfg)
+    assert hp.rich.shape[0] == sum(c < 2 for c in pool)
+    ref, m_ref = loop_step(net, cfg, ref, xq, xk, e, b, pool)
+    got, m = hetero_step.train_step(net, cfg, got, vq, vk, jnp.int32(e), jnp.int32(b), pool=hp)
+    np.testing.assert_allclose(m['loss'], m_ref['loss'], rtol=1e-5)
+    lrs = [client_lr_by_hand(cfg, int(c), e) for c in np.asarray(ref.clients.count)[list(pool)] - 1]
+    np.testing.assert_allclose(m['client_lrs'], lrs, rtol=1e-6)   # in pool order
+    assert float(m['synced']) == float(plan.is_sync_step(b, cfg.steps_per_epoch, cfg.avg_freq))
+  assert_states_close((got.clients, got.server), (ref.clients, ref.server))
+  np.testing.assert_array_equal(got.clients.count, [3, 1, 3, 1])    # participations
+  # 2 (2B) + 2 (2B) + 2 (2B) + 2 (2 rich B) keys per row pair.
+  keys = (1 if cfg.loss_form == 'single' else 2) * (8 + 8 + 4 + 12)
+  assert int(got.server.ptr) == keys % cfg.queue_size
+
+
+def test_split_pool_orders_rows_and_refuses_bad_pools():
+  cfg = StepConfig(**dict(_COMMON, num_clients=5, rich_clients=2, sample_ratio=0.6))
+  hp = hetero_step.split_pool(np.array([3, 1, 4]), cfg)       # poor, rich, poor
+  np.testing.assert_array_equal(hp.rich, [1])
+  np.testing.assert_array_equal(hp.poor, [3, 4])
+  np.testing.assert_array_equal(hp.ids, [1, 3, 4])
+  np.testing.assert_array_equal(hp.slots, [1, 0, 2])
+  # group order rows: client 1 at 0..5 (rich B 6), client 3 at 6..7, client 4 at 8..9.
+  np.testing.assert_array_equal(hp.rows, [6, 7, 0, 1, 2, 3, 4, 5, 8, 9])
+  for bad in ([3, 3, 1], [0, 1], [0, 1, 5], [[0, 1, 2]]):
+    with pytest.raises(ValueError, match='distinct client ids'):
+      hetero_step.split_pool(np.array(bad), cfg)
 
 
 @pytest.mark.usefixtures('fast_compile')
@@ -229,8 +302,8 @@ def test_frozen_clients_keep_their_params_and_the_server_steps_as_with_training_
 
 
 def test_step_config_refusals():
-  with pytest.raises(ValueError, match='full participation'):
-    StepConfig(**dict(_COMMON, num_clients=4, sample_ratio=0.5))
+  with pytest.raises(ValueError, match="fedavg_set='reference'"):
+    StepConfig(**dict(_COMMON, num_clients=4, sample_ratio=0.5, fedavg_set='reference'))
   with pytest.raises(ValueError, match='per-client queues'):
     StepConfig(**dict(_COMMON, feature_sharing=False, queue_size=60))
   with pytest.raises(ValueError, match='rich_batch_size'):
@@ -253,12 +326,11 @@ def _tiny(**overrides):
 
 @pytest.mark.parametrize('overrides, match', [
     (dict(hetero='0.5_0.5|64|0.6_0.4'), r"config.hetero=.*rich batch int\(c\) \* batch_size = 128"),
-    (dict(hetero='0.5_0.5|2|0.6_0.4', sample_ratio=0.5), r'config.sample_ratio=0.5: client samp'),
+    (dict(hetero='0.5_0.5|2|0.6_0.4', sample_ratio=0.5, fedavg_set='reference'),
+     r"config.fedavg_set='reference': the reference's FedAvg set"),
     (dict(hetero='0.5_0.5|2|0.6_0.4', feature_sharing=False), r'config.feature_sharing=False'),
     (dict(hetero='0.5_0.5|2|0.6_0.4', partition='dirichlet'), r"config.partition='dirichlet'"),
     (dict(hetero='0.5_0.5|2'), r"config.hetero='0.5_0.5\|2': needs three"),
-    (dict(hetero='reference', auto_adjust=True, num_clients=200),
-     r'auto_adjust samples 0.5 of the 200 clients'),
     (dict(hetero='0.2_0.8|2|0.8_0.2', num_clients=100, queue_size=400),
      r'config.hetero=.* poor client 0 samples'),
 ])
@@ -275,6 +347,10 @@ def test_reference_string_under_auto_adjust():
   sizes = [len(p) for p in exp.parts]
   assert exp.step.steps_per_epoch == math.ceil(sizes[0] / 16)    # client 0 is rich
   assert len(set(sizes[:20])) == 1 and sizes[0] > sizes[20]
+  # N = 200: auto_adjust samples half the clients; the reference's string makes 100 rich.
+  exp = experiment.resolve(_tiny(hetero='reference', auto_adjust=True, num_clients=200,
+                                 dataset='digits', queue_size=6000, avg_freq=1))
+  assert (exp.step.pool_size, exp.step.rich_clients, exp.step.rich_batch_size) == (100, 100, 4)
 
 
 @pytest.mark.usefixtures('fast_compile')
@@ -291,6 +367,29 @@ def test_cli_run_with_tiny_overrides(tmp_path, capsys):
   assert len(losses_) == 1 and np.isfinite(losses_[0])
   sizes = json.loads((workdir / 'partition.json').read_text())['sizes']
   assert sizes[0] == sizes[1] > sizes[2]
+
+
+def test_sampled_run_resumes_exactly(tmp_path):
+  """Client sampling with rich clients from the config: S = 3 (client 0: 76 samples at the rich
+  batch 32), pools of 2 of 4 clients; stopped after step 4 (mid-epoch 1) and resumed, the run
+  ends as the uninterrupted one, bit for bit."""
+  def config(**kw):
+    return _tiny(hetero='0.5_0.5|2|0.6_0.4', sample_ratio=0.5, batch_size=16, queue_size=128,
+                 checkpoint_every_steps=4, eval_every_steps=4, log_every_steps=1, **kw)
+  exp = experiment.resolve(config())
+  assert (exp.step.steps_per_epoch, exp.step.pool_size, exp.step.rich_batch_size) == (3, 2, 32)
+  with optimisations_off():
+    train.train_and_evaluate(config(num_steps=7), str(tmp_path / 'whole'))
+    train.train_and_evaluate(config(num_steps=4), str(tmp_path / 'resumed'))
+    train.train_and_evaluate(config(num_steps=7), str(tmp_path / 'resumed'))
+  losses_ = lambda d: [(r['step'], r['loss']) for r in metrics.read_metrics(tmp_path / d)
+                       if 'loss' in r]
+  assert losses_('whole') == losses_('resumed') and len(losses_('whole')) == 7
+  assert all(np.isfinite(l) for _, l in losses_('whole'))
+  states = [protocols.restore_for_eval(tmp_path / d, 'latest')[2:4] for d in ('whole', 'resumed')]
+  chex.assert_trees_all_equal(*states)
+  counts = np.asarray(states[0][0].count)
+  assert counts.sum() == 2 * 7 and (counts < 7).all()        # two clients per step, sampled
 
 
 def test_divergence_aware_aggregation_is_refused_with_hetero():

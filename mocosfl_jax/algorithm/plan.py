@@ -98,7 +98,7 @@ class StepConfig:
       does not apply and the symmetric loss is 'original', the non-symmetric 'single').
     rich_clients: heterogeneous clients (algorithm/hetero.py): clients 0..rich_clients-1 are
       rich and draw `rich_batch_size` images per step, the others `batch_size`; 0 is off (every
-      client draws batch_size). Needs full participation and the shared queue
+      client draws batch_size). Needs the shared queue and the pool's plain FedAvg
       (algorithm/hetero_step.py).
     rich_batch_size: the rich clients' batch (int(c) * B); 0 when rich_clients is 0.
     fedavg_set: 'pool' (the pool's mean) or 'reference' (client 0 + pool[1:], the reference's
@@ -177,16 +177,18 @@ class StepConfig:
   @property
   def keys_per_step(self) -> int:
     """Keys enqueued per step: 2PB for 'original' and 'two_view', PB for 'single' (with rich
-    clients: B is each client's own batch)."""
+    clients: B is each client's own batch, and the most a pool can send)."""
     if self.rich_clients:
       return (self.keys_per_client // self.batch_size) * self.images_per_step
     return self.pool_size * self.keys_per_client
 
   @property
   def images_per_step(self) -> int:
-    """Query images the pool sends per step: P * B, or R * rich B + (P - R) * B."""
+    """Query images the pool sends per step: P * B; with rich clients at most
+    R' * rich B + (P - R') * B, R' = min(R, P) the most rich clients a pool can hold (a sampled
+    pool's own count varies by epoch)."""
     return (self.pool_size * self.batch_size
-            + self.rich_clients * (self.rich_batch_size - self.batch_size))
+            + min(self.rich_clients, self.pool_size) * (self.rich_batch_size - self.batch_size))
 
   @property
   def client_queue_size(self) -> int:
@@ -254,10 +256,6 @@ class StepConfig:
       need(isinstance(self.rich_batch_size, int) and self.rich_batch_size >= self.batch_size,
            f'rich_batch_size={self.rich_batch_size!r} must be an int >= batch_size='
            f'{self.batch_size}.')
-      need(self.pool_size == self.num_clients,
-           f'rich_clients={self.rich_clients} with pool_size={self.pool_size} < num_clients='
-           f'{self.num_clients}: heterogeneous clients need full participation (sample_ratio '
-           '1); client sampling with rich clients is not implemented.')
       need(self.feature_sharing, 'rich_clients with feature_sharing=False: per-client queues '
            'are not implemented for heterogeneous clients (nor hetero-aware in the reference); '
            'use the shared queue.')
@@ -265,6 +263,10 @@ class StepConfig:
            'heterogeneous clients are implemented for the split step only.')
       need(self.ressfl is None, 'rich_clients with ressfl: the simulated attacker is not '
            'implemented for heterogeneous clients.')
+      need(self.fedavg_set == 'pool' and self.divergence_aware == 'off',
+           f'rich_clients with fedavg_set={self.fedavg_set!r}, divergence_aware='
+           f'{self.divergence_aware!r}: the heterogeneous step averages the pool '
+           "(algorithm/hetero_step.py); use fedavg_set='pool', divergence_aware='off'.")
     if self.method == 'flmoco':
       self._validate_flmoco(need)
     elif self.feature_sharing:

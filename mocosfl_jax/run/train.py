@@ -79,7 +79,7 @@ def simulated_step(net, cfg: plan.StepConfig, aug: experiment_lib.AugSpec, state
   step_key = jax.random.fold_in(aug_key, state.server.step)
   if cfg.rich_clients:
     return _hetero_step(net, cfg, aug, state, images, table, data_key, step_key, epoch,
-                        batch_idx)
+                        batch_idx, pool)
   ids = jnp.arange(cfg.num_clients, dtype=jnp.int32) if pool is None else pool
   b = cfg.batch_size if aux_spec is None else aux_spec.batch_size
   views = []
@@ -98,20 +98,29 @@ def simulated_step(net, cfg: plan.StepConfig, aug: experiment_lib.AugSpec, state
                                 par=par, train_clients=train_clients, keep_smashed=keep_smashed)
 
 
-def _hetero_step(net, cfg, aug, state, images, tables, data_key, step_key, epoch, batch_idx):
-  """`simulated_step` with rich clients: each group (rich 0..R-1, poor R..N-1) draws its batch
-  size from its own table (`tables`, clients' own streams) and is augmented with its own key."""
+def _hetero_step(net, cfg, aug, state, images, tables, data_key, step_key, epoch, batch_idx,
+                 pool):
+  """`simulated_step` with rich clients: each group (the pool's rich clients, then its poor
+  ones; `pool` None: clients 0..R-1 and R..N-1) draws its batch size from its own table
+  (`tables`, clients' own streams) and is augmented with its own key."""
   r, n = cfg.rich_clients, cfg.num_clients
+  if pool is None:
+    members = (jnp.arange(r, dtype=jnp.int32), jnp.arange(r, n, dtype=jnp.int32))
+  else:
+    members = (pool.rich, pool.poor)
   views = []
-  for g, (table, lo, hi, b) in enumerate(((tables[0], 0, r, cfg.rich_batch_size),
-                                          (tables[1], r, n, cfg.batch_size))):
-    batch = images.batch(table, jnp.arange(hi - lo, dtype=jnp.int32),
-                         state.clients.draws[lo:hi], b, data_key)
+  for g, (table, ids, b) in enumerate(((tables[0], members[0], cfg.rich_batch_size),
+                                       (tables[1], members[1], cfg.batch_size))):
+    if ids.shape[0] == 0:      # no client of this group in the pool
+      views.append((None, None))
+      continue
+    batch = images.batch(table, ids - table.first_id, state.clients.draws[ids], b, data_key)
     views.append(augment.two_views(jax.random.fold_in(step_key, g), batch, jnp.asarray(aug.mean),
                                    jnp.asarray(aug.std), aug.pipeline,
                                    crop_scale=aug.crop_scale))
   views_q, views_k = zip(*views)
-  return hetero_step.train_step_fn(net, cfg, state, views_q, views_k, epoch, batch_idx)
+  return hetero_step.train_step_fn(net, cfg, state, views_q, views_k, epoch, batch_idx,
+                                   pool=pool)
 
 
 def hetero_tables(parts, cfg: plan.StepConfig):
@@ -430,6 +439,7 @@ def _train_loop(exp, net, state, start, images, ckpt, writer, *, keys, window, e
   pool = None
   last_eval = None
   everyone = cfg.pool_size == cfg.num_clients
+  rich_counts = set()
 
   def flush_window(done, keep=False):
     try:
@@ -449,6 +459,13 @@ def _train_loop(exp, net, state, start, images, ckpt, writer, *, keys, window, e
       pool = None
     elif pool is None or b == 0:
       pool = plan.sample_pool(pool_key, epoch, cfg.num_clients, cfg.pool_size)
+      if cfg.rich_clients:     # its rich count is a shape: one compiled step per count
+        pool = hetero_step.split_pool(pool, cfg)
+        if pool.rich.shape[0] not in rich_counts:
+          rich_counts.add(pool.rich.shape[0])
+          logging.info("epoch %d: %d rich clients in the pool of %d, a count not seen before "
+                       "in this process: the step compiles for it", epoch, pool.rich.shape[0],
+                       cfg.pool_size)
     status = "A" if replay is None else replay.begin_step(epoch, b)
     if stepper is None and cfg.method == "flmoco":
       state, m = flmoco.simulated_step(net, cfg, exp.aug, state, images, table, data_key,
