@@ -54,6 +54,9 @@ def attack_command(args) -> int:
         f"{result['client']}: MSE {result['mse']:.4f} | SSIM {result['ssim']:.4f} | PSNR "
         f"{result['psnr']:.2f} dB on {result['num_test']} test images (decoder best at epoch "
         f"{result['best_epoch']}, {result['seconds']:.0f} s)")
+  for name, b in result["baselines"].items():   # what guessing scores, without inverting
+    print(f"  without inverting, the attacker's {name.replace('_', ' ')}: MSE {b['mse']:.4f} | "
+          f"SSIM {b['ssim']:.4f} | PSNR {b['psnr']:.2f} dB")
   try:
     paths = attack_lib.write_outputs(args.workdir, result, grid)
   except OSError as e:

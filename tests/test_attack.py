@@ -13,7 +13,7 @@ from PIL import Image
 from mocosfl_jax import attack as attack_cli
 from mocosfl_jax import evaluate
 from mocosfl_jax.data import sources
-from mocosfl_jax.privacy import attack, decoder
+from mocosfl_jax.privacy import attack, decoder, similarity
 from mocosfl_jax.run import train
 
 import core_testlib
@@ -59,6 +59,28 @@ def test_final_protocol_puts_the_attack_in_results(run):
   assert saved["attack"]["mse"] == r["mse"]
   assert json.loads((workdir / "attack_6_c0.json").read_text())["ssim"] == r["ssim"]
   assert (workdir / "attack_6_c0.png").exists() and (workdir / "attack.png").exists()
+  assert set(r["baselines"]) == {"mean_image", "class_mean"}     # synthetic data has labels
+  for b in r["baselines"].values():
+    assert np.isfinite([b["mse"], b["ssim"], b["psnr"]]).all()
+
+
+def test_baselines_are_the_mean_and_class_mean_images():
+  rng = np.random.default_rng(0)
+  train_t = rng.uniform(size=(6, 8, 8, 3)).astype(np.float32)
+  train_l = np.array([0, 0, 1, 1, 1, 2])
+  test_t = rng.uniform(size=(3, 8, 8, 3)).astype(np.float32)
+  test_l = np.array([1, 0, 3])                 # class 3: the attacker holds none of it
+  got = attack.baselines(train_t, train_l, test_t, test_l)
+  mean = train_t.mean(0)
+  guess = np.stack([train_t[2:5].mean(0), train_t[:2].mean(0), mean])
+  for name, g in (("mean_image", np.broadcast_to(mean, test_t.shape)), ("class_mean", guess)):
+    mse = ((g - test_t) ** 2).mean(axis=(1, 2, 3))
+    np.testing.assert_allclose(got[name]["mse"], mse.mean(), rtol=1e-6)
+    np.testing.assert_allclose(got[name]["psnr"], (-10 * np.log10(mse)).mean(), rtol=1e-5)
+    np.testing.assert_allclose(
+        got[name]["ssim"], float(np.mean(similarity.ssim(jnp.asarray(g), jnp.asarray(test_t)))),
+        rtol=1e-6)
+  assert "class_mean" not in attack.baselines(train_t, np.full(6, -1), test_t, test_l)
 
 
 def test_command_writes_json_and_png_per_checkpoint_and_client(run, capsys):
