@@ -61,6 +61,12 @@ def test_dispatch_falls_back_for_other_convs():
   assert not winograd.applies((1, 1, 4, 4), 1, 0)
   assert not winograd.applies((3, 3, 4, 4), 1, 1, x_shape=(1, 32, 32, 4))   # 64 tiles: matmul
   assert winograd.applies((3, 3, 4, 4), 1, 1, x_shape=(2, 32, 32, 4))
+  # Maps padded to whole tiles: 2x2 in one F(4x4) tile multiplies as often as the direct conv
+  # (36 = 9 * 4), so the matmul conv computes it; 4x4 (36 < 144) and 3x3 (36 < 81) stay.
+  assert not winograd.applies((3, 3, 4, 4), 1, 1, x_shape=(640, 2, 2, 4))
+  assert winograd.applies((3, 3, 4, 4), 1, 1, x_shape=(640, 4, 4, 4))
+  assert winograd.applies((3, 3, 4, 4), 1, 1, x_shape=(640, 3, 3, 4))
+  assert winograd.applies((3, 3, 4, 4), 1, 1, x_shape=(640, 2, 2, 4), m=2)   # 16 < 36
   for shape, s, p in [((3, 3, 4, 6), 2, 1), ((1, 1, 4, 6), 2, 0), ((3, 3, 4, 6), 1, 1)]:
     k = jax.random.normal(jax.random.key(3), shape)
     np.testing.assert_allclose(conv.conv_winograd(x, k, s, p), _direct(x, k, s, p), rtol=1e-4,

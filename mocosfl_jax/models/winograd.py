@@ -43,17 +43,21 @@ MIN_TILES = 128
 def applies(kernel_shape, stride: int, padding: int, groups: int = 1, x_shape=None,
             m: int = 4) -> bool:
   """True for the convs this module computes: 3x3, stride 1, padding 1, no groups, and (given
-  `x_shape`) at least MIN_TILES output tiles per call.
+  `x_shape`) at least MIN_TILES output tiles per call, with fewer multiplies than a direct conv.
 
   Small calls (a vmapped client with batch 1 sees 64 tiles at 32x32) become batches of tiny
   per-tile matmuls that run slower than one shifted-view matmul, so they keep the matmul conv.
+  Maps smaller than a tile are padded to whole tiles: a 2x2 map in one F(4x4) tile multiplies
+  36 times for 4 outputs, as many as the direct conv's 9 per output, so it keeps the matmul
+  conv too (one GEMM with K = 9 Cin instead of 36 with K = Cin, and no transforms).
   """
   if not (tuple(kernel_shape[:2]) == (3, 3) and stride == 1 and padding == 1 and groups == 1):
     return False
   if x_shape is None:
     return True
   th, tw = _tiles(x_shape[1], x_shape[2], m)
-  return x_shape[0] * th * tw >= MIN_TILES
+  fewer_multiplies = (m + 2) ** 2 * th * tw < 9 * x_shape[1] * x_shape[2]
+  return fewer_multiplies and x_shape[0] * th * tw >= MIN_TILES
 
 
 def _combine(mat, parts):
