@@ -392,6 +392,27 @@ def test_sampled_run_resumes_exactly(tmp_path):
   assert counts.sum() == 2 * 7 and (counts < 7).all()        # two clients per step, sampled
 
 
+class _FirstPool(Exception):
+  """Raised by the spy below at the first pool a run (or the bench) draws."""
+
+
+def test_bench_counts_the_pools_a_run_draws(tmp_path, monkeypatch):
+  """bench/hetero_step.py's compilation counts (docs/reference.md) are those of the pools a
+  run with the same seed draws: the same pool key."""
+  from mocosfl_jax.benchmarks import hetero as bench  # pylint: disable=g-import-not-at-top
+  keys = []
+
+  def spy(key, epoch, num_clients, pool_size):
+    keys.append(np.asarray(jax.random.key_data(key)))
+    raise _FirstPool
+  monkeypatch.setattr(plan, 'sample_pool', spy)
+  with pytest.raises(_FirstPool):
+    train.train_and_evaluate(_tiny(sample_ratio=0.5, seed=0), str(tmp_path / 'run'))
+  with pytest.raises(_FirstPool):
+    bench.compiles_over_runs(seed=0)
+  np.testing.assert_array_equal(keys[1], keys[0])
+
+
 def test_divergence_aware_aggregation_is_refused_with_hetero():
   c = load_config('tiny').get_config()
   c.hetero, c.divergence_aware = '0.5_0.5|2|0.6_0.4', 'fedema'

@@ -53,8 +53,9 @@ VARIANTS = ("hetero", "homogeneous", "padded")
 # Sampling: 20 clients (0-3 rich), a pool of 10 with 2 rich clients (0 and 2).
 SAMPLED_CLIENTS, SAMPLED_RICH = 20, 4
 SAMPLED_POOL = (5, 0, 12, 7, 13, 15, 9, 18, 11, 2)
-# The reference's sampled hetero settings: (N, hetero string it forces, epochs before sampling).
-REFERENCE_SAMPLED = ((500, "0.2_0.8|16|0.8_0.2", 200), (200, "0.5_0.5|4|0.8_0.2", 200))
+# The reference's sampled hetero settings: (N, epochs before auto_adjust); the hetero string is
+# the one the reference forces for that N (hetero.REFERENCE_BY_N).
+REFERENCE_SAMPLED = ((500, 200), (200, 200))
 
 
 def _setting(name):
@@ -103,17 +104,19 @@ def sampled_configs(queue_size: int) -> dict:
 
 def compiles_over_runs(seed: int = 0) -> list:
   """Distinct rich counts (= compilations of the sampled step) over whole runs of the
-  reference's sampled hetero settings, from the pools such a run draws."""
+  reference's sampled hetero settings, from the pools a run with `seed` draws (its pool key as
+  run/train.py derives it)."""
   # pylint: disable=g-import-not-at-top
-  import jax
   import numpy as np
   from mocosfl_jax.algorithm import hetero as hetero_lib, plan
+  from mocosfl_jax.run import train
+  key = train.run_keys(seed)[3]
   out = []
-  for n, text, epochs in REFERENCE_SAMPLED:
+  for n, epochs in REFERENCE_SAMPLED:
+    text = hetero_lib.REFERENCE_BY_N[n]
     adj = plan.auto_adjust(n, num_epochs=epochs)
     p = int(adj["sample_ratio"] * n)
     r = hetero_lib.parse(text).rich_clients(n)
-    key = jax.random.key(seed)
     counts = [int((np.asarray(plan.sample_pool(key, e, n, p)) < r).sum())
               for e in range(adj["num_epochs"])]
     out.append(dict(num_clients=n, hetero=text, pool_size=p, rich_clients=r,

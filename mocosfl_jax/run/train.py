@@ -123,6 +123,12 @@ def _hetero_step(net, cfg, aug, state, images, tables, data_key, step_key, epoch
                                    pool=pool)
 
 
+def run_keys(seed: int):
+  """(init, data, aug, pool) keys of a run with `seed`; the pool key draws every epoch's pool
+  (`plan.sample_pool`), so what a run's pools hold can be counted without running it."""
+  return tuple(jax.random.split(jax.random.key(seed), 4))
+
+
 def hetero_tables(parts, cfg: plan.StepConfig):
   """(rich, poor) ClientTables: clients 0..R-1 at the rich batch, R..N-1 at B."""
   r = cfg.rich_clients
@@ -304,7 +310,7 @@ def _run(exp, net, workdir: Path, primary: bool, warm=None, stepper=None) -> dic
         workdir)
 
   # ---- State and training images ----
-  init_key, data_key, aug_key, pool_key = jax.random.split(jax.random.key(config.seed), 4)
+  init_key, data_key, aug_key, pool_key = run_keys(config.seed)
   # shard_map: clients (state and training images) on their leading axis over the mesh, server
   # replicated; built shard by shard, so each process holds only its own clients, and global
   # arrays from the start (orbax needs them when several processes save).
