@@ -278,6 +278,12 @@ def test_split_pool_orders_rows_and_refuses_bad_pools():
   for bad in ([3, 3, 1], [0, 1], [0, 1, 5], [[0, 1, 2]]):
     with pytest.raises(ValueError, match='distinct client ids'):
       hetero_step.split_pool(np.array(bad), cfg)
+  views = [jnp.zeros((1, 6, 8, 8, 3)), jnp.zeros((2, 2, 8, 8, 3))]
+  hetero_step.check_views(cfg, views, views, hp)
+  with pytest.raises(ValueError, match=r'takes split_pool\(pool, cfg\)'):
+    hetero_step.check_views(cfg, views, views, jnp.array([3, 1, 4]))
+  with pytest.raises(ValueError, match='None for a group with no client'):
+    hetero_step.check_views(cfg, views[::-1], views, hp)
 
 
 @pytest.mark.usefixtures('fast_compile')

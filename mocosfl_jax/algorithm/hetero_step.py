@@ -107,6 +107,10 @@ def check_views(cfg: StepConfig, views_q: Sequence[Optional[jax.Array]],
   r, n = cfg.rich_clients, cfg.num_clients
   if not r:
     raise ValueError('hetero_step needs a StepConfig with rich_clients >= 1.')
+  if pool is not None and not isinstance(pool, HeteroPool):
+    raise ValueError(f'pool is a {type(pool).__name__}; the heterogeneous step takes '
+                     'split_pool(pool, cfg), which splits the pool into its rich and poor '
+                     'clients.')
   if pool is None:
     if cfg.pool_size != n:
       raise ValueError(f'pool=None means all {n} clients, but pool_size={cfg.pool_size}; pass '
