@@ -6,9 +6,9 @@ input/output channel pair instead of 144 (4x fewer), F(2x2, 3x3) 16 instead of 3
 rest are additions over tiles (memory-bound). bench/README.md has the measured speed-up.
 
 Forward: Y = A^T [ (G k G^T) . (B^T d B) ] A per tile, written as one batched matmul over the
-(m+2)^2 tile positions. Backward (custom VJP): dX is the same Winograd conv of dY with the
-kernel rotated by 180 degrees and in/out swapped (a stride-1 pad-1 3x3 conv again: cheap
-transforms, no strided-slice transposes), dK is V^T dM in the Winograd domain mapped back by G^T.
+(m+2)^2 tile positions. Backward (custom VJP): from dM = A dY A^T per tile, dK is V^T dM in the
+Winograd domain mapped back by G^T, and dX is dM U^T through the transpose of the input
+transform (overlapping tiles added back), so dY is transformed once for both.
 The maths equals a direct convolution; only float rounding differs (F(4,3) ~1e-5 relative to
 max|y| in float32, F(2,3) ~1e-6; tests/test_winograd.py).
 
@@ -147,9 +147,16 @@ def _conv3x3_fwd(x, kernel, m):
 
 
 def _conv3x3_bwd(m, res, dy):
+  # Both gradients start from dM = A dY A^T of every tile (computed once): dW maps
+  # V^T dM back by G^T, dX is dM U^T taken back through the input transform's transpose
+  # (jax.linear_transpose: the tiles' B dV B^T added where they overlap). One transform of dY
+  # fewer than computing dX as a forward Winograd conv of dY with the rotated kernel.
   x, kernel = res
-  dx = _forward(dy, jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2)), m)
-  du = jnp.einsum('ktc,kto->kco', input_transform(x, m), output_transform_t(dy, m))
+  dm = output_transform_t(dy, m)
+  dv = jnp.einsum('kto,kco->ktc', dm, kernel_transform(kernel, m))
+  (dx,) = jax.linear_transpose(functools.partial(input_transform, m=m),
+                               jax.ShapeDtypeStruct(x.shape, x.dtype))(dv)
+  du = jnp.einsum('ktc,kto->kco', input_transform(x, m), dm)
   return dx, kernel_transform_t(du, m)
 
 
