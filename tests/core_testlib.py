@@ -17,11 +17,13 @@ import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import mocosfl_jax
 from mocosfl_jax.algorithm import plan
 from mocosfl_jax.algorithm.plan import StepConfig
+from mocosfl_jax.algorithm.state import ClientState
 from mocosfl_jax.models import SplitConfig, build
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / 'configs'
@@ -220,6 +222,37 @@ def client_lr_by_hand(cfg, count, epoch):
     return cfg.c_lr * (1 + math.cos(math.pi * t / cfg.num_epochs)) / 2
   marks = (int(0.6 * cfg.num_epochs), int(0.8 * cfg.num_epochs))
   return cfg.c_lr * 0.2 ** sum(t >= m for m in marks)
+
+
+# ---- steps written out one client at a time (the tests' per-client loops) ---------------------
+
+def clients_by_hand(cs):
+  """Stacked ClientState rows -> per client [online, momentum, opt_state] (lists, editable)."""
+  return [list(jax.tree.map(lambda x, i=i: x[i], (cs.online, cs.momentum, cs.opt_state)))
+          for i in range(cs.count.shape[0])]
+
+
+def fedavg_by_hand(cfg, per, pool):
+  """The pool's plain FedAvg in numpy: every client's online variables (with momentum_sync also
+  its momentum variables) := the mean of the pool's. Returns the reference's divergence of each
+  pool client before the sync, the sum over 'params' tensors of ||local - global||_2."""
+  mean = lambda k: jax.tree.map(lambda *xs: np.mean(np.stack(xs), axis=0),
+                                *[per[c][k] for c in pool])
+  avg_on, avg_mom = mean(0), mean(1)
+  leaves = lambda c: zip(jax.tree.leaves(per[c][0]['params']), jax.tree.leaves(avg_on['params']))
+  div = [sum(np.linalg.norm(np.ravel(np.asarray(a) - g)) for a, g in leaves(c)) for c in pool]
+  for p in per:
+    p[0] = avg_on
+    if cfg.momentum_sync:
+      p[1] = avg_mom
+  return div
+
+
+def stack_by_hand(per, count, draws, lr_scale):
+  """`clients_by_hand`'s lists (updated) back into one stacked ClientState."""
+  stack = lambda k: jax.tree.map(lambda *xs: jnp.stack(xs), *[p[k] for p in per])
+  return ClientState(online=stack(0), momentum=stack(1), opt_state=stack(2),
+                     count=jnp.array(count), draws=jnp.array(draws), lr_scale=lr_scale)
 
 
 def stop_at(monkeypatch, obj, name, after, error):

@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 
 from core_testlib import fast_compile  # noqa: F401  pylint: disable=unused-import
-from core_testlib import (CASES, assert_states_close, case, client_lr_by_hand, copy_tree,
-                          pool_for, views)
+from core_testlib import (CASES, assert_states_close, case, client_lr_by_hand, clients_by_hand,
+                          copy_tree, fedavg_by_hand, pool_for, stack_by_hand, views)
 from mocosfl_jax import parallel
 from mocosfl_jax.algorithm import parties, plan, state
-from mocosfl_jax.algorithm.state import ClientState
 from mocosfl_jax.benchmarks.compiles import count_compiles
 
 SCHEDULE = ((0, 0), (0, 1), (1, 0))      # (epoch, batch_idx); b=1 is a sync step (S=4, avg 2)
@@ -30,9 +29,7 @@ _srv = jax.jit(parties.server_step, static_argnums=(0, 1, 2))
 def loop_step(net, cfg, st, pool, vq, vk, epoch, b):
   """Reference-style step: Python loops over the pool with unbatched client functions."""
   cs, ss, tx = st.clients, st.server, st.tx
-  n = cfg.num_clients
-  per = [list(jax.tree.map(lambda x, i=i: x[i], (cs.online, cs.momentum, cs.opt_state)))
-         for i in range(n)]
+  per = clients_by_hand(cs)
   count, draws = np.array(cs.count), np.array(cs.draws)
   pool = [int(c) for c in pool]
   aq, ak = [], []
@@ -50,16 +47,8 @@ def loop_step(net, cfg, st, pool, vq, vk, epoch, b):
     count[c] += 1
     draws[c] += 1
   if plan.is_sync_step(b, cfg.steps_per_epoch, cfg.avg_freq):
-    mean = lambda k: jax.tree.map(lambda *xs: np.mean(np.stack(xs), axis=0),
-                                  *[per[c][k] for c in pool])
-    avg_on, avg_mom = mean(0), mean(1)
-    for i in range(n):
-      per[i][0] = avg_on
-      if cfg.momentum_sync:
-        per[i][1] = avg_mom
-  stack = lambda k: jax.tree.map(lambda *xs: jnp.stack(xs), *[p[k] for p in per])
-  cs = ClientState(online=stack(0), momentum=stack(1), opt_state=stack(2),
-                   count=jnp.array(count), draws=jnp.array(draws), lr_scale=cs.lr_scale)
+    fedavg_by_hand(cfg, per, pool)
+  cs = stack_by_hand(per, count, draws, cs.lr_scale)
   return st.replace(clients=cs, server=ss), m
 
 
