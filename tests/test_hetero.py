@@ -11,11 +11,11 @@ import pytest
 
 from core_testlib import fast_compile  # noqa: F401  pylint: disable=unused-import
 from core_testlib import (CONFIG_DIR, StandInNet, assert_states_close, client_lr_by_hand,
-                          copy_tree, load_config, optimisations_off)
+                          clients_by_hand, copy_tree, fedavg_by_hand, load_config,
+                          optimisations_off, stack_by_hand)
 from mocosfl_jax import experiment, main
 from mocosfl_jax.algorithm import hetero, hetero_step, losses, parties, plan, state
 from mocosfl_jax.algorithm.plan import StepConfig
-from mocosfl_jax.algorithm.state import ClientState
 from mocosfl_jax.data import partition as partition_lib
 from mocosfl_jax.data import sampler
 from mocosfl_jax.evaluation import protocols
@@ -164,10 +164,8 @@ def loop_step(net, cfg, st, xq, xk, epoch, b, pool=None):
   concatenates rows of variable widths in pool order and splits dL/dA_q back by them; at a sync
   every client gets the pool's mean."""
   cs, ss, tx = st.clients, st.server, st.tx
-  n = cfg.num_clients
-  pool = list(range(n)) if pool is None else list(pool)
-  per = [list(jax.tree.map(lambda x, i=i: x[i], (cs.online, cs.momentum, cs.opt_state)))
-         for i in range(n)]
+  pool = list(range(cfg.num_clients)) if pool is None else list(pool)
+  per = clients_by_hand(cs)
   count, draws = np.array(cs.count), np.array(cs.draws)
   aq, ak = [], []
   for j, c in enumerate(pool):                         # sequential client forwards
@@ -188,18 +186,12 @@ def loop_step(net, cfg, st, xq, xk, epoch, b, pool=None):
                                 jnp.float32(client_lr_by_hand(cfg, count[c], epoch)))
     count[c] += 1
     draws[c] += 1
+  div = [0.0]
   if plan.is_sync_step(b, cfg.steps_per_epoch, cfg.avg_freq):
-    mean = lambda k: jax.tree.map(lambda *xs: np.mean(np.stack(xs), axis=0),
-                                  *[per[c][k] for c in pool])
-    avg_on, avg_mom = mean(0), mean(1)
-    for i in range(n):
-      per[i][0] = avg_on
-      if cfg.momentum_sync:
-        per[i][1] = avg_mom
-  stack = lambda k: jax.tree.map(lambda *xs: jnp.stack(xs), *[p[k] for p in per])
-  cs = ClientState(online=stack(0), momentum=stack(1), opt_state=stack(2),
-                   count=jnp.array(count), draws=jnp.array(draws), lr_scale=cs.lr_scale)
-  return st.replace(clients=cs, server=ss), {'loss': loss}
+    div = fedavg_by_hand(cfg, per, pool)
+  cs = stack_by_hand(per, count, draws, cs.lr_scale)
+  return st.replace(clients=cs, server=ss), {'loss': loss, 'div_l2_mean': np.mean(div),
+                                             'div_l2_std': np.std(div)}
 
 
 @pytest.mark.usefixtures('fast_compile')
@@ -214,6 +206,8 @@ def test_two_group_step_equals_per_client_loop(name):
     ref, m_ref = loop_step(net, cfg, ref, *_by_position(cfg, vq, vk), e, b)
     got, m = hetero_step.train_step(net, cfg, got, vq, vk, jnp.int32(e), jnp.int32(b))
     np.testing.assert_allclose(m['loss'], m_ref['loss'], rtol=1e-5)
+    for k in ('div_l2_mean', 'div_l2_std'):       # the reference's measure, 0 without a sync
+      np.testing.assert_allclose(m[k], m_ref[k], rtol=1e-4, atol=1e-6)
   assert_states_close((got.clients, got.server), (ref.clients, ref.server))
   keys = (1 if cfg.loss_form == 'single' else 2) * (6 + 2 * 2)
   assert cfg.keys_per_step == keys and int(got.server.ptr) == 3 * keys % cfg.queue_size
@@ -256,6 +250,8 @@ def test_sampled_pools_equal_per_client_loop(name):
     ref, m_ref = loop_step(net, cfg, ref, xq, xk, e, b, pool)
     got, m = hetero_step.train_step(net, cfg, got, vq, vk, jnp.int32(e), jnp.int32(b), pool=hp)
     np.testing.assert_allclose(m['loss'], m_ref['loss'], rtol=1e-5)
+    for k in ('div_l2_mean', 'div_l2_std'):       # the reference's measure, 0 without a sync
+      np.testing.assert_allclose(m[k], m_ref[k], rtol=1e-4, atol=1e-6)
     lrs = [client_lr_by_hand(cfg, int(c), e) for c in np.asarray(ref.clients.count)[list(pool)] - 1]
     np.testing.assert_allclose(m['client_lrs'], lrs, rtol=1e-6)   # in pool order
     assert float(m['synced']) == float(plan.is_sync_step(b, cfg.steps_per_epoch, cfg.avg_freq))

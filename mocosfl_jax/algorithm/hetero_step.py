@@ -12,9 +12,9 @@ and a server BatchNorm sees exactly the real rows: no padding row exists anywher
 gradient of its own rows, as the reference's split of dL/dA_q by consecutive widths. The rest
 (client EMA before the key forward, server EMA, SGD on both sides, per-participation
 schedules) is that of step.train_step, through the same per-party functions (parties.py);
-FedAvg is the plain mean of the pool, given to all N clients (`sync.fedavg_if`:
-divergence-aware aggregation and the reference's FedAvg set are refused with hetero, and its
-metrics have no div_l2_*).
+FedAvg is the plain mean of the pool, given to all N clients, with the step's metrics
+(`sync.aggregate_if`; divergence-aware aggregation and the reference's FedAvg set are refused
+with hetero).
 
 Full participation (`pool=None`): the groups are clients 0..R-1 and R..N-1, updated in place.
 Client sampling (`pool=split_pool(...)`, host-side once per epoch): the pool's rich and poor
@@ -145,8 +145,8 @@ def train_step_fn(net, cfg: StepConfig, state: TrainState,
     pool: None (every client, natural order) or `split_pool` of this epoch's pool.
 
   Returns:
-    (state, metrics) as step.train_step (client_lrs in pool order), without the ressfl and the
-    div_l2_* metrics.
+    (state, metrics) as step.train_step (client_lrs in pool order), without the ressfl
+    metrics.
   """
   check_views(cfg, views_q, views_k, pool)
   all_clients, server, tx = state.clients, state.server, state.tx
@@ -209,8 +209,9 @@ def train_step_fn(net, cfg: StepConfig, state: TrainState,
                             opt_state=opt_state, count=clients.count + 1,
                             draws=clients.draws + 1)
   synced = sync_now(cfg, batch_idx, sync)
-  clients, divergences = sync_lib.fedavg_if(synced, clients, cfg.momentum_sync,
-                                            keep_params=cfg.frozen_clients)
+  # The pool's mean, through the sync the other steps run (the switches are refused with hetero).
+  clients, divergences, _, _ = sync_lib.aggregate_if(
+      synced, clients, cfg, pool=ids if pool is None else pool.ids)
   if pool is not None:     # the pool's rows back; after a sync every client gets the average
     rows = clients
     clients = jax.tree.map(lambda full, part: full.at[pool.ids].set(part), all_clients, rows)
