@@ -87,13 +87,8 @@ def define_flags(flag_values: flags.FlagValues, argv) -> None:
 
 
 def benchmark(args) -> None:
-  from mocosfl_jax.benchmarks.step import machine  # pylint: disable=g-import-not-at-top
-  unknown = sorted(set(args.settings) - set(SETTINGS))
-  if unknown:
-    raise ValueError(f"--settings {unknown} unknown; valid: {', '.join(SETTINGS)}")
-  report = dict(machine=machine(), results=[])
-  out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
+  from mocosfl_jax.benchmarks.interleaved import start_report  # pylint: disable=g-import-not-at-top
+  report, out = start_report(args.settings, SETTINGS, args.out)
   for name in args.settings:
     r = compare(name, args.reps)
     report["results"].append(r)

@@ -6,10 +6,23 @@ call each, every repetition calls all variants in turn, for non-sync and sync st
 from a variant that rotates with the repetition (so machine load falls on all alike). Medians
 of the wall time and of the process CPU time per call are reported.
 """
+import pathlib
 import statistics
 import time
 
 import jax
+
+
+def start_report(settings, valid, out: str):
+  """Refuses --settings names outside `valid`; returns (the report, with this machine and no
+  results yet, and the output path, its folder made)."""
+  from mocosfl_jax.benchmarks.step import machine  # pylint: disable=g-import-not-at-top
+  unknown = sorted(set(settings) - set(valid))
+  if unknown:
+    raise ValueError(f"--settings {unknown} unknown; valid: {', '.join(valid)}")
+  path = pathlib.Path(out)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  return dict(machine=machine(), results=[]), path
 
 
 def time_variants(states: dict, call, reps: int) -> dict:
