@@ -92,11 +92,21 @@ def input_transform(x: jax.Array, m: int) -> jax.Array:
   return jnp.stack(v, 1).reshape(a * a, n * th * tw, c)
 
 
+def _kernel_mat(m: int) -> np.ndarray:
+  """G (x) G: [(m+2)^2, 9], row (a, b) and column (i, j) of G k G^T for a flattened 3x3 k."""
+  g = MATS[m][1]
+  return np.kron(g, g)
+
+
 def kernel_transform(kernel: jax.Array, m: int) -> jax.Array:
-  """[3, 3, C, O] -> [(m+2)^2, C, O]: G k G^T."""
-  g = jnp.asarray(MATS[m][1], kernel.dtype)
-  u = jnp.einsum('ai,ijco,bj->abco', g, kernel, g)
-  return u.reshape((m + 2) ** 2, kernel.shape[2], kernel.shape[3])
+  """[3, 3, C, O] -> [(m+2)^2, C, O]: G k G^T, as one matmul of G (x) G with [9, C*O].
+
+  The same sums as an einsum over both kernel axes, which XLA:CPU lowers to two dots with
+  transposes around them, far slower on the deep layers' large kernels (bench/README.md).
+  """
+  c, o = kernel.shape[2:]
+  gg = jnp.asarray(_kernel_mat(m), kernel.dtype)
+  return jnp.dot(gg, kernel.reshape(9, c * o)).reshape((m + 2) ** 2, c, o)
 
 
 def output_transform(prod: jax.Array, m: int, n: int, h: int, w: int) -> jax.Array:
@@ -125,9 +135,9 @@ def output_transform_t(dy: jax.Array, m: int) -> jax.Array:
 
 def kernel_transform_t(du: jax.Array, m: int) -> jax.Array:
   """Transpose of `kernel_transform`: [(m+2)^2, C, O] -> [3, 3, C, O]."""
-  g = jnp.asarray(MATS[m][1], du.dtype)
-  a = m + 2
-  return jnp.einsum('ai,abco,bj->ijco', g, du.reshape(a, a, *du.shape[1:]), g)
+  c, o = du.shape[1:]
+  gg = jnp.asarray(_kernel_mat(m).T, du.dtype)
+  return jnp.dot(gg, du.reshape((m + 2) ** 2, c * o)).reshape(3, 3, c, o)
 
 
 def _forward(x, kernel, m):
