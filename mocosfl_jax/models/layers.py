@@ -136,48 +136,13 @@ def gn_groups(channels: int) -> int:
   return max(channels // GN_CHANNELS_PER_GROUP, 1)
 
 
-def normalize_groups(x: jax.Array, scale: jax.Array, bias: jax.Array, groups: int,
-                     eps: float = GN_EPS) -> jax.Array:
-  """GroupNorm of channels-last `x` ([N, ..., C]) with per-channel `scale` and `bias`.
-
-  The maths of flax's GroupNorm (mean and E[x^2] - mean^2, clipped at 0, over each sample's
-  spatial positions and group channels; statistics in at least float32), computed in two
-  stages: sums over the spatial positions first, with the channels contiguous, then over each
-  group's channels. XLA:CPU runs flax's single reduction over [N, H, W, G, C/G], whose innermost
-  axis is a group's few channels, several times slower, forward and backward (bench/README.md).
-  """
-  n, c = x.shape[0], x.shape[-1]
-  stats_dtype = jnp.promote_types(x.dtype, jnp.float32)
-  xs = x.astype(stats_dtype).reshape(n, -1, c)
-  count = xs.shape[1] * (c // groups)
-  sum_x = jnp.sum(xs, axis=1).reshape(n, groups, c // groups).sum(-1)
-  sum_xx = jnp.sum(xs * xs, axis=1).reshape(n, groups, c // groups).sum(-1)
-  mean = sum_x / count
-  var = jnp.maximum(0.0, sum_xx / count - mean * mean)
-  per_channel = lambda v: jnp.repeat(v, c // groups, axis=-1).reshape(
-      (n,) + (1,) * (x.ndim - 2) + (c,))
-  return (x - per_channel(mean)) * (per_channel(lax.rsqrt(var + eps)) * scale) + bias
-
-
 class GroupNorm(nn.Module):
-  """GroupNorm with the reference's grouping and eps; see group_norm and normalize_groups."""
+  """flax GroupNorm (params under 'gn') with the reference's grouping and eps; see group_norm."""
 
   @nn.compact
   def __call__(self, x):
-    return _GroupNormParams(num_groups=gn_groups(x.shape[-1]), name="gn")(x)
-
-
-class _GroupNormParams(nn.Module):
-  """Holds scale and bias where flax's GroupNorm named 'gn' kept them ('gn/scale', 'gn/bias':
-  checkpoints and deploy/onnx_export.py read them there) and applies normalize_groups."""
-  num_groups: int
-
-  @nn.compact
-  def __call__(self, x):
-    shape, dtype = (x.shape[-1],), precision.float_dtype()
-    scale = self.param("scale", nn.initializers.ones, shape, dtype)
-    bias = self.param("bias", nn.initializers.zeros, shape, dtype)
-    return normalize_groups(x, scale, bias, self.num_groups)
+    return nn.GroupNorm(num_groups=gn_groups(x.shape[-1]), epsilon=GN_EPS,
+                        param_dtype=precision.float_dtype(), name="gn")(x)
 
 
 class BatchNorm(nn.Module):
