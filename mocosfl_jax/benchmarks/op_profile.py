@@ -78,12 +78,18 @@ def source_label(op_name: str) -> str:
   return f"{direction} {'/'.join(parts)}" if parts else 'other'
 
 
-def by_source(thunks: collections.Counter, sources: dict) -> collections.Counter:
-  """Thunk times summed by `source_label` of each thunk's op_name ('unknown' without one)."""
+def summed_by(thunks: collections.Counter, key) -> collections.Counter:
+  """Thunk times summed by `key(thunk name)`."""
   out = collections.Counter()
   for name, ms in thunks.items():
-    out[source_label(sources[name]) if name in sources else 'unknown'] += ms
+    out[key(name)] += ms
   return out
+
+
+def by_source(thunks: collections.Counter, sources: dict) -> collections.Counter:
+  """Thunk times summed by `source_label` of each thunk's op_name ('unknown' without one)."""
+  return summed_by(thunks, lambda name: source_label(sources[name]) if name in sources
+                   else 'unknown')
 
 
 def define_flags(flag_values: flags.FlagValues, argv) -> None:
@@ -102,7 +108,7 @@ def define_flags(flag_values: flags.FlagValues, argv) -> None:
 
 
 def _server_or_clients(args):
-  """(jitted function, its arguments) of `--part server` or `--part clients`."""
+  """(compiled function, call) of `--part server` or `--part clients`; `call()` runs it once."""
   # pylint: disable=g-import-not-at-top
   import jax
   import jax.numpy as jnp
@@ -122,14 +128,19 @@ def _server_or_clients(args):
   shape = (n, 1) + net.smashed_shape
   if args.part == 'server':
     f = jax.jit(parties.server_step, static_argnums=(0, 1, 2))
-    return f, (net, cfg, train_state.tx, server, jax.random.normal(jax.random.key(1), shape),
-               jax.random.normal(jax.random.key(2), shape), jnp.arange(n, dtype=jnp.int32),
-               jnp.int32(0))
-  f = jax.jit(functools.partial(client_pass, net, cfg, parallel.ClientParallel()))
-  views = [jax.random.normal(jax.random.key(i), (n, 1, 32, 32, 3)) for i in (1, 2)]
-  return f, (clients.online, clients.momentum, clients.opt_state, *views,
-             jax.random.normal(jax.random.key(3), shape) * 1e-3,
-             jnp.full((n,), 0.06, jnp.float32))
+    static = (net, cfg, train_state.tx)
+    call_args = (server, jax.random.normal(jax.random.key(1), shape),
+                 jax.random.normal(jax.random.key(2), shape), jnp.arange(n, dtype=jnp.int32),
+                 jnp.int32(0))
+  else:
+    f = jax.jit(functools.partial(client_pass, net, cfg, parallel.ClientParallel()))
+    static = ()
+    views = [jax.random.normal(jax.random.key(i), (n, 1, 32, 32, 3)) for i in (1, 2)]
+    call_args = (clients.online, clients.momentum, clients.opt_state, *views,
+                 jax.random.normal(jax.random.key(3), shape) * 1e-3,
+                 jnp.full((n,), 0.06, jnp.float32))
+  compiled = f.lower(*static, *call_args).compile()
+  return compiled, functools.partial(compiled, *call_args)
 
 
 def _quickstart_step():
@@ -163,13 +174,7 @@ def profile(args) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   from mocosfl_jax.benchmarks.step import machine  # pylint: disable=g-import-not-at-top
 
-  if args.part == 'quickstart':
-    compiled, call = _quickstart_step()
-  else:
-    f, call_args = _server_or_clients(args)
-    compiled = f.lower(*call_args).compile()
-    call = functools.partial(compiled, *call_args[3:]) if args.part == 'server' else (
-        functools.partial(compiled, *call_args))
+  compiled, call = _quickstart_step() if args.part == 'quickstart' else _server_or_clients(args)
   run = lambda: jax.block_until_ready(call())
   run()
   cost = compiled.cost_analysis()
@@ -187,9 +192,7 @@ def profile(args) -> None:
     jax.profiler.stop_trace()
     thunks = collections.Counter({k: v / args.profiled for k, v in thunk_times(tmp).items()})
   total = sum(thunks.values())
-  kinds = collections.Counter()
-  for name, ms in thunks.items():
-    kinds[op_kind(name)] += ms
+  kinds = summed_by(thunks, op_kind)
   sources = by_source(thunks, op_sources(compiled.as_text()))
   table = lambda c: [dict(op=k, thread_ms=v, share=v / total) for k, v in c.most_common()]
   res = dict(setting=vars(args), median_s=statistics.median(times), times_s=times,
